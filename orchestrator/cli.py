@@ -1,0 +1,99 @@
+"""The `orch` command line: thin commands, each parses, calls one API function, prints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+
+from orchestrator import __version__
+from orchestrator.load import SpecError, load_workload
+from orchestrator.spec import workload_schema
+
+app = typer.Typer(
+    name="orch",
+    help="Run declarative training workloads on Ray: validate, run, submit, tune.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+INVALID_INPUT = 2
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        metavar="KEY=VALUE",
+        help="Override a field before validation, e.g. --set train.optimizer.lr=3e-4 (repeatable).",
+    ),
+]
+
+
+def _fail(error: SpecError) -> None:
+    for problem in error.problems:
+        typer.secho(f"error: {problem}", fg="red", err=True)
+    raise typer.Exit(INVALID_INPUT)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"orch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """Run declarative training workloads on Ray: validate, run, submit, tune."""
+
+
+@app.command()
+def validate(
+    files: Annotated[list[Path], typer.Argument(help="Workload files to check.")],
+    overrides: SetOption = None,
+) -> None:
+    """Check workload files; exit 0 if all are valid, else 2 with every error."""
+    failed = 0
+    for path in files:
+        try:
+            spec = load_workload(path, overrides or [])
+        except SpecError as error:
+            failed += 1
+            for problem in error.problems:
+                typer.secho(f"error: {problem}", fg="red", err=True)
+            continue
+        typer.echo(f"ok: {path} ({spec.name}, {spec.model.kind})")
+    if failed:
+        typer.secho(f"{failed} of {len(files)} workload(s) invalid", fg="red", err=True)
+        raise typer.Exit(INVALID_INPUT)
+
+
+@app.command()
+def show(
+    file: Annotated[Path, typer.Argument(help="Workload file.")],
+    overrides: SetOption = None,
+) -> None:
+    """Print the fully resolved workload (extends, --set and defaults applied) as YAML."""
+    try:
+        spec = load_workload(file, overrides or [])
+    except SpecError as error:
+        _fail(error)
+    typer.echo(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), nl=False)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of workload files (for editor validation and completion)."""
+    typer.echo(json.dumps(workload_schema(), indent=2))
+
+
+def main() -> None:
+    app()
