@@ -89,6 +89,38 @@ def show(
     typer.echo(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), nl=False)
 
 
+data_app = typer.Typer(help="Prepare datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    file: Annotated[Path, typer.Argument(help="Workload file whose data section to prepare.")],
+    overrides: SetOption = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray address; default: start Ray on this machine.")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's logs.")] = False,
+) -> None:
+    """Tokenize/convert a workload's raw data into cached Parquet shards (reused when unchanged)."""
+    from orchestrator.data import DataError, prepare
+
+    try:
+        spec = load_workload(file, overrides or [])
+    except SpecError as error:
+        _fail(error)
+    try:
+        prepared = prepare(spec.data, log=typer.echo, ray_address=address, verbose=verbose)
+    except DataError as error:
+        typer.secho(f"error: {file}: data: {error}", fg="red", err=True)
+        raise typer.Exit(INVALID_INPUT) from None
+    splits = prepared.manifest["splits"]
+    typer.echo(
+        f"{prepared.root or spec.data.train}: {splits['train']['rows']} train rows in "
+        f"{len(splits['train']['shards'])} shard(s), {splits['eval']['rows']} eval rows"
+    )
+
+
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of workload files (for editor validation and completion)."""

@@ -1,0 +1,130 @@
+"""Finding and fingerprinting data sources: local paths, globs, and s3:// or gs:// URIs."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import pyarrow.fs as pafs
+
+__all__ = ["DataError", "Source", "detect_format", "find_source"]
+
+_GLOB_CHARS = set("*?[")
+TEXT_SUFFIXES = (".txt", ".text")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+class DataError(Exception):
+    """A data problem the user can fix: names the file and what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """The files one data location stands for, on one filesystem."""
+
+    uri: str  # as the user wrote it
+    filesystem: pafs.FileSystem
+    files: tuple[str, ...]  # filesystem paths, sorted
+    sizes: tuple[int, ...]
+    fingerprint: str  # changes when any file's path, size or mtime changes
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.sizes)
+
+
+def find_source(uri: str) -> Source:
+    """Resolve a path, directory, glob or URI to its files; DataError if there are none."""
+    fs, path = _filesystem(uri)
+    base, pattern = _split_glob(path)
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"{uri}: no such file or directory")
+    if info.type == pafs.FileType.File and pattern is None:
+        infos = [info]
+    else:
+        infos = [
+            i
+            for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+            if i.type == pafs.FileType.File
+            and not _hidden(i.path, base)
+            and (pattern is None or fnmatch.fnmatch(i.path, pattern))
+        ]
+    infos.sort(key=lambda i: i.path)
+    if not infos:
+        raise DataError(f"{uri}: no files found")
+    digest = hashlib.sha256()
+    for i in infos:
+        mtime = i.mtime_ns if i.mtime_ns is not None else 0
+        digest.update(f"{i.path}\0{i.size}\0{mtime}\n".encode())
+    return Source(
+        uri=uri,
+        filesystem=fs,
+        files=tuple(i.path for i in infos),
+        sizes=tuple(i.size or 0 for i in infos),
+        fingerprint=digest.hexdigest(),
+    )
+
+
+def detect_format(source: Source, declared: str) -> str:
+    """The source's format: the declared one, or a guess from file names."""
+    if declared != "auto":
+        return declared
+    names = [PurePosixPath(f).name.lower() for f in source.files]
+    suffixes = {PurePosixPath(n).suffix for n in names}
+    if any("idx3-ubyte" in n for n in names):
+        return "mnist"
+    # CIFAR-10 ships data_batch_1..5 and test_batch; CIFAR-100 ships train, test and meta.
+    if any(n.startswith(("data_batch_", "test_batch")) for n in names) or {"train", "meta"} <= set(
+        names
+    ):
+        return "cifar"
+    if suffixes <= {".parquet"}:
+        return "parquet"
+    if suffixes <= set(TEXT_SUFFIXES):
+        return "text"
+    if suffixes <= set(JSONL_SUFFIXES):
+        return "jsonl"
+    if suffixes <= set(IMAGE_SUFFIXES):
+        return "image_folder"
+    raise DataError(
+        f"{source.uri}: cannot tell the format from the file names (found {sorted(suffixes)}); "
+        "set data.format to one of parquet, text, jsonl, mnist, cifar, image_folder"
+    )
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in uri:
+        try:
+            return pafs.FileSystem.from_uri(_strip_glob_for_uri(uri)[0])[0], _uri_path(uri)
+        except (pafs.ArrowInvalid, OSError, ValueError) as exc:  # type: ignore[attr-defined]
+            raise DataError(f"{uri}: cannot open this location: {exc}") from None
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def _strip_glob_for_uri(uri: str) -> tuple[str, str | None]:
+    scheme, rest = uri.split("://", 1)
+    base, pattern = _split_glob(rest)
+    return f"{scheme}://{base}", pattern
+
+
+def _uri_path(uri: str) -> str:
+    return uri.split("://", 1)[1].rstrip("/")
+
+
+def _split_glob(path: str) -> tuple[str, str | None]:
+    """Split '/a/b/*.txt' into ('/a/b', '/a/b/*.txt'); no glob gives (path, None)."""
+    parts = path.rstrip("/").split("/")
+    for i, part in enumerate(parts):
+        if _GLOB_CHARS & set(part):
+            return "/".join(parts[:i]) or "/", path
+    return path.rstrip("/") or "/", None
+
+
+def _hidden(path: str, base: str) -> bool:
+    rel = path[len(base) :].lstrip("/")
+    return any(part.startswith((".", "_")) for part in rel.split("/"))

@@ -1,0 +1,183 @@
+"""Streaming prepared shards to training workers with Ray Data.
+
+The driver builds one lazy `read_parquet` Dataset per split; Ray Train splits each across
+the workers as a stream (`streaming_split`, equal rows per worker so DDP stays in lockstep),
+so no worker and no driver ever holds a split whole. Order is seeded twice: the file order
+is reshuffled for every epoch (`FileShuffleConfig`, reseeded per execution) and each worker
+shuffles rows through a local buffer seeded with `seed + epoch`.
+
+Batch transforms (MLM masking, image decoding and augmentation) run on the worker, on whole
+torch batches: they are vectorized and cheap next to a training step, and a Ray Data
+`map_batches` stage would need CPUs that Ray Train has reserved for its workers
+(bench/data_pipeline.py measures both placements).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from orchestrator.data.prepare import PreparedData, image_schema
+from orchestrator.data.sources import DataError
+
+__all__ = ["check_shards", "decode_images", "epoch_batches", "mask_tokens", "open_splits"]
+
+
+def open_splits(prepared: PreparedData, seed: int, shuffle: bool = True) -> dict[str, Any]:
+    """Lazy Ray Datasets for the train (and, if present, eval) shards."""
+    import ray.data
+    from ray.data import FileShuffleConfig
+
+    check_shards(prepared)
+    order = FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle else None
+    splits = {
+        "train": ray.data.read_parquet(
+            prepared.files("train"), filesystem=prepared.filesystem, shuffle=order
+        )
+    }
+    if prepared.files("eval"):
+        splits["eval"] = ray.data.read_parquet(
+            prepared.files("eval"), filesystem=prepared.filesystem
+        )
+    return splits
+
+
+def check_shards(prepared: PreparedData) -> None:
+    """Read every shard's footer: a missing, corrupt or mis-typed shard fails here, by name."""
+    expected = _expected_schema(prepared)
+    for split in ("train", "eval"):
+        for path in prepared.files(split):
+            try:
+                with prepared.filesystem.open_input_file(path) as f:
+                    schema = pq.ParquetFile(f).schema_arrow
+            except FileNotFoundError:
+                raise DataError(f"{path}: shard is missing") from None
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise DataError(f"{path}: corrupt Parquet shard: {exc}") from None
+            for field in expected:
+                if field.name not in schema.names:
+                    raise DataError(
+                        f"{path}: shard has no column {field.name!r} (has {schema.names})"
+                    )
+                got = schema.field(field.name).type
+                if got != field.type:
+                    raise DataError(
+                        f"{path}: column {field.name!r} is {got}, expected {field.type}"
+                    )
+
+
+def _expected_schema(prepared: PreparedData) -> pa.Schema:
+    if prepared.kind == "text":
+        return pa.schema([("input_ids", pa.list_(pa.int32(), prepared.manifest["seq_len"]))])
+    return image_schema()
+
+
+def epoch_batches(
+    shard: Any, batch_size: int, seed: int, epoch: int, shuffle_buffer: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of a worker's shard as torch batches, shuffled by a seeded local buffer.
+
+    `drop_last` keeps every worker at the same number of steps, which DDP and ZeRO need.
+    """
+    yield from shard.iter_torch_batches(
+        batch_size=batch_size,
+        drop_last=True,
+        local_shuffle_buffer_size=shuffle_buffer or None,
+        local_shuffle_seed=seed + epoch if shuffle_buffer else None,
+        collate_fn=_to_tensors,
+    )
+
+
+def _to_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, column in batch.items():
+        if name == "image":  # variable bytes stay as a list for decode_images
+            out[name] = list(column)
+        elif column.dtype == object:  # fixed-size lists arrive as arrays of arrays
+            out[name] = torch.from_numpy(np.stack(column))
+        else:
+            out[name] = torch.from_numpy(np.ascontiguousarray(column))
+    return out
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    *,
+    mask_id: int,
+    vocab_size: int,
+    special_ids: list[int],
+    probability: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: pick `probability` of the ordinary tokens; 80% [MASK], 10% random, 10% kept.
+
+    Returns (inputs, labels) with labels -100 where no prediction is made.
+    """
+    labels = input_ids.clone()
+    ordinary = ~torch.isin(input_ids, torch.tensor(special_ids, dtype=input_ids.dtype))
+    chosen = (torch.rand(input_ids.shape, generator=generator) < probability) & ordinary
+    labels[~chosen] = -100
+    inputs = input_ids.clone()
+    roll = torch.rand(input_ids.shape, generator=generator)
+    inputs[chosen & (roll < 0.8)] = mask_id
+    swap = chosen & (roll >= 0.8) & (roll < 0.9)
+    inputs[swap] = torch.randint(
+        vocab_size, input_ids.shape, generator=generator, dtype=input_ids.dtype
+    )[swap]
+    return inputs, labels
+
+
+def decode_images(
+    images: list[bytes],
+    *,
+    encoding: str,
+    shape: list[int] | None,
+    size: int,
+    channels: int,
+    augment: bool,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Bytes -> float tensor (N, C, size, size) in [0, 1], with optional crop-and-flip."""
+    if encoding == "raw":
+        assert shape is not None
+        pixels = np.frombuffer(b"".join(images), dtype=np.uint8).reshape(len(images), *shape)
+        batch = torch.from_numpy(pixels.copy()).permute(0, 3, 1, 2)
+    else:
+        from torchvision.io import ImageReadMode, decode_image
+
+        mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+        decoded = [
+            decode_image(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=mode)
+            for b in images
+        ]
+        batch = torch.stack(
+            [
+                torch.nn.functional.interpolate(d[None].float(), size=(size, size))[0]
+                for d in decoded
+            ]
+        ).to(torch.uint8)
+    batch = batch.float() / 255.0
+    if batch.shape[-1] != size or batch.shape[-2] != size:
+        batch = torch.nn.functional.interpolate(batch, size=(size, size), mode="bilinear")
+    if augment:
+        batch = _crop_and_flip(batch, generator)
+    return batch
+
+
+def _crop_and_flip(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    n, _, h, w = batch.shape
+    pad = max(1, h // 8)
+    padded = torch.nn.functional.pad(batch, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    out = torch.empty_like(batch)
+    for i in range(n):
+        crop = padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+        out[i] = crop.flip(-1) if flip[i] else crop
+    return out
