@@ -9,6 +9,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import ClassVar
 
 import numpy as np
 
@@ -86,7 +87,7 @@ def _idx(source: Source, path: str, ndim: int) -> np.ndarray:
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """CIFAR batches are pickles; allow only what they contain so a bad file cannot run code."""
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[set[tuple[str, str]]] = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),

@@ -10,6 +10,7 @@ a new entry instead of reusing a stale one.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -249,7 +250,7 @@ def _tokenized(src: Source, fmt: str, data: DataSpec, tokenizer_json: str) -> It
         column = batch.column("ids").combine_chunks()
         offsets = column.offsets.to_numpy()
         values = column.values.to_numpy()
-        for start, end in zip(offsets[:-1], offsets[1:], strict=True):
+        for start, end in itertools.pairwise(offsets):
             yield values[start:end]
 
 

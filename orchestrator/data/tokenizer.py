@@ -1,4 +1,4 @@
-"""Tokenizers for text sources: WordPiece (BERT) or byte-level BPE (GPT), trained with `tokenizers`."""
+"""Tokenizers for text: WordPiece (BERT) or byte-level BPE (GPT), trained with `tokenizers`."""
 
 from __future__ import annotations
 
@@ -72,7 +72,8 @@ def special_tokens(tok: Tokenizer) -> SpecialTokens:
     eos = vocab.get("<|endoftext|>")
     if eos is None:
         raise DataError(
-            "tokenizer has neither [SEP] (BERT-style) nor <|endoftext|> (GPT-style) in its vocabulary"
+            "tokenizer has neither [SEP] (BERT-style) nor <|endoftext|> (GPT-style) "
+            "in its vocabulary"
         )
     return SpecialTokens(vocab_size=tok.get_vocab_size(), pad=vocab.get("<|pad|>", eos), sep=eos)
 
