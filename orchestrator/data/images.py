@@ -192,5 +192,6 @@ def _check_labels(labels: np.ndarray, num_classes: int, path: str) -> None:
 
 
 def _read(source: Source, path: str) -> bytes:
-    with source.filesystem.open_input_stream(path) as f:
+    # compression=None: pyarrow would otherwise gunzip *.gz behind our back.
+    with source.filesystem.open_input_stream(path, compression=None) as f:
         return f.read()

@@ -231,7 +231,7 @@ def _tokenized(src: Source, fmt: str, data: DataSpec, tokenizer_json: str) -> It
     if fmt == "text":
         ds = ray.data.read_text(list(src.files), filesystem=src.filesystem)
     elif fmt == "jsonl":
-        ds = ray.data.read_json(list(src.files), filesystem=src.filesystem, lines=True)
+        ds = ray.data.read_json(list(src.files), filesystem=src.filesystem)
         ds = ds.select_columns([data.text_column]).rename_columns({data.text_column: "text"})
     else:
         ds = ray.data.read_parquet(
@@ -398,7 +398,7 @@ class _ShardWriter:
 # --------------------------------------------------------------------------- helpers
 def _held_out(sample_id: int, fraction: float) -> bool:
     """A deterministic, well-mixed split by id (Knuth's multiplicative hash)."""
-    return ((sample_id * 2654435761) % 2**32) / 2**32 < fraction
+    return (((sample_id + 0x9E3779B9) * 2654435761) % 2**32) / 2**32 < fraction
 
 
 def _settings(data: DataSpec, fmt: str) -> dict[str, Any]:

@@ -55,6 +55,18 @@ def train_tokenizer(spec: TokenizerSpec, texts: Iterator[str]) -> Tokenizer:
             show_progress=False,
         )
     tok.train_from_iterator(texts, trainer=trainer)
+    if spec.kind == "wordpiece":
+        # The WordPiece trainer finds the same tokens every time but numbers them in hash-map
+        # order; renumber so the same corpus and settings always give the same ids.
+        ordered = sorted(
+            tok.get_vocab().items(),
+            key=lambda kv: (
+                kv[0] not in BERT_SPECIALS,
+                BERT_SPECIALS.index(kv[0]) if kv[0] in BERT_SPECIALS else 0,
+                kv[0],
+            ),
+        )
+        tok.model = models.WordPiece({t: i for i, (t, _) in enumerate(ordered)}, unk_token="[UNK]")
     return tok
 
 
