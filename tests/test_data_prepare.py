@@ -159,7 +159,8 @@ def test_cifar_batches(tmp_path: Path) -> None:
         batch = {b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
                  b"labels": list(rng.integers(0, 10, n))}  # fmt: skip
         (src / name).write_bytes(pickle.dumps(batch))
-    (src / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"c%d" % i for i in range(10)]}))
+    meta = {b"label_names": [b"c%d" % i for i in range(10)]}
+    (src / "batches.meta").write_bytes(pickle.dumps(meta))
     prepared = prepare(DataSpec(train=str(src), cache_dir=str(tmp_path / "c")))
     assert prepared.manifest["format"] == "cifar"
     assert prepared.manifest["splits"]["train"]["rows"] == 100  # test_batch is the eval split
@@ -251,7 +252,8 @@ def test_mnist_label_out_of_range(tmp_path: Path) -> None:
 def test_mnist_truncated_file(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "x-images-idx3-ubyte").write_bytes(struct.pack(">HBBIII", 0, 8, 3, 5, 28, 28))
-    (tmp_path / "m" / "x-labels-idx1-ubyte").write_bytes(struct.pack(">HBBI", 0, 8, 1, 5) + bytes(5))
+    labels = struct.pack(">HBBI", 0, 8, 1, 5) + bytes(5)
+    (tmp_path / "m" / "x-labels-idx1-ubyte").write_bytes(labels)
     with pytest.raises(DataError, match=r"x-images-idx3-ubyte: header says \(5, 28, 28\)"):
         prepare(DataSpec(train=str(tmp_path / "m"), cache_dir=str(tmp_path)))
 
