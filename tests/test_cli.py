@@ -65,8 +65,16 @@ def test_show_prints_resolved_spec_with_defaults_and_overrides() -> None:
     assert shown["data"]["shuffle_buffer"] == 2048  # a default
     assert "extends" not in shown
     assert list(shown) == [
-        "name", "model", "data", "train", "deepspeed", "scaling", "tune", "tracking", "cluster",
-    ]  # fmt: skip
+        "name",
+        "model",
+        "data",
+        "train",
+        "deepspeed",
+        "scaling",
+        "tune",
+        "tracking",
+        "cluster",
+    ]
 
 
 def test_show_bad_input_exits_2(tmp_path: Path) -> None:

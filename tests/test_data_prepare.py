@@ -84,8 +84,9 @@ def test_cache_is_reused_and_keyed_by_everything_that_matters(
 def test_changed_source_is_never_reused(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 400)
-    spec = DataSpec(train=str(corpus), seq_len=16, cache_dir=str(tmp_path / "c"),
-                    tokenizer={"vocab_size": 100})  # fmt: skip
+    spec = DataSpec(
+        train=str(corpus), seq_len=16, cache_dir=str(tmp_path / "c"), tokenizer={"vocab_size": 100}
+    )
     first = prepare(spec)
     corpus.write_text("a completely different text about cats and mice\n" * 400)
     second = prepare(spec)
@@ -121,9 +122,13 @@ def test_jsonl_and_parquet_text_with_bpe(tmp_path: Path) -> None:
     pq.write_table(pa.table({"body": docs}), tmp_path / "p" / "a.parquet")
     results = []
     for source in ("j/*.jsonl", "p/"):
-        spec = DataSpec(train=str(tmp_path / source), text_column="body", seq_len=16,
-                        tokenizer={"kind": "bpe", "vocab_size": 300},
-                        cache_dir=str(tmp_path / "cache"))  # fmt: skip
+        spec = DataSpec(
+            train=str(tmp_path / source),
+            text_column="body",
+            seq_len=16,
+            tokenizer={"kind": "bpe", "vocab_size": 300},
+            cache_dir=str(tmp_path / "cache"),
+        )
         prepared = prepare(spec)
         assert prepared.manifest["format"] in ("jsonl", "parquet")
         tok = Tokenizer.from_file(f"{prepared.root}/tokenizer.json")
@@ -133,21 +138,36 @@ def test_jsonl_and_parquet_text_with_bpe(tmp_path: Path) -> None:
 
 
 def test_mnist_idx_files(shared_data: Path, tmp_path: Path) -> None:
-    spec = DataSpec(train=str(shared_data), format="mnist", limit=1000,
-                    eval_fraction=0.2, cache_dir=str(tmp_path))  # fmt: skip
+    spec = DataSpec(
+        train=str(shared_data),
+        format="mnist",
+        limit=1000,
+        eval_fraction=0.2,
+        cache_dir=str(tmp_path),
+    )
     prepared = prepare(spec)
     image = prepared.manifest["image"]
-    assert image == {"encoding": "raw", "shape": [28, 28, 1], "num_classes": 10,
-                     "class_names": [str(i) for i in range(10)]}  # fmt: skip
+    assert image == {
+        "encoding": "raw",
+        "shape": [28, 28, 1],
+        "num_classes": 10,
+        "class_names": [str(i) for i in range(10)],
+    }
     train, evals = all_rows(prepared, "train"), all_rows(prepared, "eval")
     assert train.num_rows + evals.num_rows == 1000
     assert 120 < evals.num_rows < 280
     labels = train["label"].to_numpy()
     assert labels.min() == 0 and labels.max() == 9
     assert train["label"][0].as_py() == 7  # the first t10k image is a 7
-    pixels = decode_images(train["image"].to_pylist()[:4], encoding="raw", shape=[28, 28, 1],
-                           size=28, channels=1, augment=False,
-                           generator=torch.Generator())  # fmt: skip
+    pixels = decode_images(
+        train["image"].to_pylist()[:4],
+        encoding="raw",
+        shape=[28, 28, 1],
+        size=28,
+        channels=1,
+        augment=False,
+        generator=torch.Generator(),
+    )
     assert pixels.shape == (4, 1, 28, 28) and 0.0 <= pixels.min() < pixels.max() <= 1.0
 
 
@@ -156,8 +176,10 @@ def test_cifar_batches(tmp_path: Path) -> None:
     src = tmp_path / "cifar"
     src.mkdir()
     for name, n in (("data_batch_1", 60), ("data_batch_2", 40), ("test_batch", 30)):
-        batch = {b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
-                 b"labels": list(rng.integers(0, 10, n))}  # fmt: skip
+        batch = {
+            b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
+            b"labels": list(rng.integers(0, 10, n)),
+        }
         (src / name).write_bytes(pickle.dumps(batch))
     meta = {b"label_names": [b"c%d" % i for i in range(10)]}
     (src / "batches.meta").write_bytes(pickle.dumps(meta))
@@ -192,14 +214,27 @@ def test_image_folder(tmp_path: Path) -> None:
             Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(
                 tmp_path / "imgs" / cls / f"{i}.png"
             )
-    prepared = prepare(DataSpec(train=str(tmp_path / "imgs"), eval_fraction=0.0,
-                                cache_dir=str(tmp_path / "c"), augment=True))  # fmt: skip
+    prepared = prepare(
+        DataSpec(
+            train=str(tmp_path / "imgs"),
+            eval_fraction=0.0,
+            cache_dir=str(tmp_path / "c"),
+            augment=True,
+        )
+    )
     assert prepared.manifest["format"] == "image_folder"
     assert prepared.manifest["image"]["class_names"] == ["cat", "dog"]
     rows = all_rows(prepared, "train")
     assert rows.num_rows == 20 and sorted(set(rows["label"].to_pylist())) == [0, 1]
-    batch = decode_images(rows["image"].to_pylist(), encoding="encoded", shape=None, size=16,
-                          channels=3, augment=True, generator=torch.Generator())  # fmt: skip
+    batch = decode_images(
+        rows["image"].to_pylist(),
+        encoding="encoded",
+        shape=None,
+        size=16,
+        channels=3,
+        augment=True,
+        generator=torch.Generator(),
+    )
     assert batch.shape == (20, 3, 16, 16)
 
 
@@ -223,8 +258,14 @@ def test_empty_corpus(tmp_path: Path) -> None:
 def test_corpus_too_small_for_one_sequence(tmp_path: Path) -> None:
     (tmp_path / "tiny.txt").write_text("just a few words\n")
     with pytest.raises(DataError, match=r"tiny\.txt: the corpus yields no full sequence"):
-        prepare(DataSpec(train=str(tmp_path / "tiny.txt"), seq_len=512,
-                         tokenizer={"vocab_size": 100}, cache_dir=str(tmp_path)))  # fmt: skip
+        prepare(
+            DataSpec(
+                train=str(tmp_path / "tiny.txt"),
+                seq_len=512,
+                tokenizer={"vocab_size": 100},
+                cache_dir=str(tmp_path),
+            )
+        )
 
 
 def test_bad_jsonl_line(tmp_path: Path) -> None:

@@ -1,0 +1,172 @@
+"""Streaming prepared shards to real Ray Train workers: exactly once, seeded, failing loudly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from orchestrator.data import DataError, check_shards, epoch_batches, open_splits, prepare
+from orchestrator.data.stream import mask_tokens
+from orchestrator.spec import DataSpec
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
+
+
+@pytest.fixture(scope="module")
+def prepared(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    cache = tmp_path_factory.mktemp("cache")
+    spec = DataSpec(
+        train=str(shared_data / "tinyshakespeare.txt"),
+        limit=4000,
+        seq_len=32,
+        tokenizer={"vocab_size": 500},
+        shard_rows=100,
+        cache_dir=str(cache),
+    )
+    return prepare(spec)
+
+
+def _collect(prepared, out: Path, num_workers: int, epochs: int, seed: int = 7) -> None:
+    """Run a real TorchTrainer whose workers record the sample ids they see per epoch."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    def loop(config: dict) -> None:
+        ctx = ray.train.get_context()
+        shard = ray.train.get_dataset_shard("train")
+        for epoch in range(config["epochs"]):
+            ids = [
+                batch["sample_id"].numpy()
+                for batch in epoch_batches(shard, 16, config["seed"], epoch, shuffle_buffer=64)
+            ]
+            np.save(f"{config['out']}/ids-{ctx.get_world_rank()}-{epoch}.npy", np.concatenate(ids))
+
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"epochs": epochs, "seed": seed, "out": str(out)},
+        # Half a CPU per worker leaves Ray Data a core on a 2-CPU machine: no stall.
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, resources_per_worker={"CPU": 0.5}
+        ),
+        run_config=ray.train.RunConfig(storage_path=str(out / "runs"), name="stream"),
+        datasets={"train": open_splits(prepared, seed=seed)["train"]},
+    )
+    trainer.fit()
+
+
+@pytest.mark.timeout(300)
+def test_each_sample_once_per_epoch_across_two_workers(prepared, tmp_path: Path) -> None:
+    _collect(prepared, tmp_path, num_workers=2, epochs=2)
+    all_ids = set(
+        pq.read_table(prepared.files("train"), columns=["sample_id"])["sample_id"].to_pylist()
+    )
+    for epoch in range(2):
+        per_worker = [np.load(tmp_path / f"ids-{rank}-{epoch}.npy") for rank in range(2)]
+        seen = np.concatenate(per_worker)
+        assert len(seen) == len(set(seen.tolist())), "a sample was seen twice"
+        # drop_last may hold back less than one batch per worker; everything else is seen.
+        assert set(seen.tolist()) <= all_ids
+        assert len(all_ids) - len(seen) < 2 * 16
+        assert len(per_worker[0]) == len(per_worker[1])  # lockstep for DDP
+    first, second = (
+        np.concatenate([np.load(tmp_path / f"ids-{r}-{e}.npy") for r in range(2)]) for e in range(2)
+    )
+    assert not np.array_equal(first, second), "epochs must be reshuffled"
+
+
+@pytest.mark.timeout(300)
+def test_same_seed_same_order(prepared, tmp_path: Path) -> None:
+    orders = []
+    for run in range(2):
+        out = tmp_path / str(run)
+        out.mkdir()
+        _collect(prepared, out, num_workers=1, epochs=1, seed=11)
+        orders.append(np.load(out / "ids-0-0.npy"))
+    assert np.array_equal(orders[0], orders[1])
+    out = tmp_path / "other"
+    out.mkdir()
+    _collect(prepared, out, num_workers=1, epochs=1, seed=12)
+    assert not np.array_equal(orders[0], np.load(out / "ids-0-0.npy"))
+
+
+def _copy(prepared, tmp_path: Path):
+    """A private copy of the prepared shards that a test may damage."""
+    import shutil
+
+    from orchestrator.data.prepare import PreparedData
+
+    root = tmp_path / "copy"
+    shutil.copytree(prepared.root, root)
+    return PreparedData(str(root), prepared.filesystem, prepared.manifest)
+
+
+def test_corrupt_shard_footer_is_named(prepared, tmp_path: Path) -> None:
+    copy = _copy(prepared, tmp_path)
+    bad = copy.files("train")[1]
+    Path(bad).write_bytes(Path(bad).read_bytes()[:-40])
+    with pytest.raises(DataError, match=rf"{bad}: corrupt Parquet shard"):
+        check_shards(copy)
+
+
+def test_missing_shard_is_named(prepared, tmp_path: Path) -> None:
+    copy = _copy(prepared, tmp_path)
+    Path(copy.files("eval")[0]).unlink()
+    with pytest.raises(DataError, match=r"eval/part-00000.parquet: shard is missing"):
+        check_shards(copy)
+
+
+def test_shard_with_wrong_columns_or_dtypes(prepared, tmp_path: Path) -> None:
+    copy = _copy(prepared, tmp_path)
+    path = copy.files("train")[0]
+    pq.write_table(pa.table({"sample_id": [1], "tokens": [[1, 2]]}), path)
+    with pytest.raises(DataError, match=rf"{path}: shard has no column 'input_ids'"):
+        check_shards(copy)
+    pq.write_table(pa.table({"sample_id": [1], "input_ids": [[1.0] * 32]}), path)
+    with pytest.raises(
+        DataError,
+        match=rf"{path}: column 'input_ids' is list<\w+: double>, expected fixed_size_list",
+    ):
+        check_shards(copy)
+
+
+@pytest.mark.timeout(240)
+def test_corrupt_shard_mid_epoch_fails_with_its_name(prepared, tmp_path: Path) -> None:
+    """A shard whose footer is fine but whose data pages are garbage fails the read, by name."""
+    copy = _copy(prepared, tmp_path)
+    path = Path(copy.files("train")[2])
+    table = pq.read_table(path)
+    pq.write_table(table, path, compression="snappy", use_dictionary=False)
+    raw = bytearray(path.read_bytes())
+    footer = int.from_bytes(raw[-8:-4], "little")
+    for i in range(8, len(raw) - footer - 8, 7):  # scribble over the pages, not the footer
+        raw[i] = 0xFF
+    path.write_bytes(bytes(raw))
+    check_shards(copy)  # the footer still reads fine
+    ds = open_splits(copy, seed=0, shuffle=False)["train"]
+    with pytest.raises(Exception) as info:
+        for _ in epoch_batches(ds.iterator(), 16, 0, 0, shuffle_buffer=0):
+            pass
+    assert path.name in str(info.value)
+
+
+def test_mlm_masking_rates() -> None:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 500, (64, 128), generator=gen, dtype=torch.int32)
+    ids[:, 0], ids[:, -1] = 2, 3  # [CLS] ... [SEP]
+    inputs, labels = mask_tokens(
+        ids, mask_id=4, vocab_size=500, special_ids=[0, 1, 2, 3, 4], probability=0.15, generator=gen
+    )
+    chosen = labels != -100
+    assert 0.13 < chosen.float().mean() < 0.17
+    assert not chosen[:, 0].any() and not chosen[:, -1].any()  # specials are never masked
+    assert torch.equal(labels[chosen], ids[chosen])
+    masked = (inputs == 4) & chosen
+    kept = (inputs == ids) & chosen
+    assert 0.75 < masked.sum() / chosen.sum() < 0.85
+    assert 0.05 < kept.sum() / chosen.sum() < 0.16  # 10% kept, plus random draws of the same id
+    assert torch.equal(inputs[~chosen], ids[~chosen])
