@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -119,6 +120,87 @@ def data_prepare(
         f"{prepared.root or spec.data.train}: {splits['train']['rows']} train rows in "
         f"{len(splits['train']['shards'])} shard(s), {splits['eval']['rows']} eval rows"
     )
+
+
+@app.command()
+def run(
+    file: Annotated[Path, typer.Argument(help="Workload file.")],
+    overrides: SetOption = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray address; default: start Ray on this machine.")
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(help="Run name (default: the workload name); the same name resumes."),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's logs.")] = False,
+) -> None:
+    """Train a workload on this machine (or on --address), resuming a run of the same name."""
+    from orchestrator.run import RunError, TrainingFailed, run_workload
+
+    try:
+        spec = load_workload(file, overrides or [])
+    except SpecError as error:
+        _fail(error)
+    progress = _Progress()
+    try:
+        result = run_workload(
+            spec, address=address, name=name, verbose=verbose, log=progress.note,
+            on_progress=progress.show,
+        )  # fmt: skip
+    except RunError as error:
+        progress.end()
+        typer.secho(f"error: {file}: {error}", fg="red", err=True)
+        raise typer.Exit(INVALID_INPUT) from None
+    except TrainingFailed as error:
+        progress.end()
+        typer.secho(f"training failed: {error}", fg="red", err=True)
+        typer.secho("rerun with --verbose for Ray's logs; checkpoints are kept", err=True)
+        raise typer.Exit(1) from None
+    progress.end()
+    m = result.metrics
+    typer.echo(f"done: {result.name} in {result.seconds:.0f} s, step {m.get('step', '?')}")
+    shown = {k: v for k, v in m.items() if k == "loss" or k.startswith("eval_")}
+    if shown:
+        typer.echo("  " + "  ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    typer.echo(f"  run directory: {result.path}")
+    if result.model_dir:
+        typer.echo(f"  model: {result.model_dir} (orchestrator.models.load_exported)")
+
+
+class _Progress:
+    """One live line on a terminal, one line per report otherwise."""
+
+    def __init__(self) -> None:
+        self.live = sys.stdout.isatty()
+        self.open = False
+
+    def note(self, text: str) -> None:
+        self.end()
+        typer.echo(text)
+
+    def show(self, event: dict) -> None:
+        step, total = event.get("step", 0), event.get("total_steps", 0)
+        parts = [f"step {step}/{total}"]
+        if "loss" in event:
+            parts.append(f"loss {event['loss']:.4f}")
+        if "samples_per_s" in event:
+            parts.append(f"{event['samples_per_s']:.1f} samples/s")
+        parts += [f"{k} {v:.4g}" for k, v in event.items() if k in ("eval_loss", "eval_accuracy")]
+        if total and event.get("step_time_s"):
+            eta = int((total - step) * event["step_time_s"])
+            parts.append(f"ETA {eta // 60}:{eta % 60:02d}")
+        line = " | ".join(parts)
+        if self.live:
+            typer.echo("\r" + line.ljust(100), nl=False)
+            self.open = True
+        else:
+            typer.echo(line)
+
+    def end(self) -> None:
+        if self.open:
+            typer.echo()
+            self.open = False
 
 
 @app.command()

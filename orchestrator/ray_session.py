@@ -13,6 +13,7 @@ __all__ = ["ray_session"]
 def ray_session(address: str | None = None, verbose: bool = False) -> Iterator[None]:
     """Use the Ray that is already initialized, or start/connect one and shut it down after."""
     import ray
+    import ray.data  # configures Ray Data's loggers, which we then quiet
 
     if not verbose:
         # orch prints its own progress; Ray Data's per-operator log lines drown it.

@@ -1,0 +1,617 @@
+"""Benchmark of orch's data pipeline: tokenization, streaming memory, and where MLM masking runs.
+
+Run from the repository root:
+
+    python bench/data_pipeline.py           # full run, a few minutes on a 2-core machine
+    python bench/data_pipeline.py --quick   # smaller sizes, about two minutes
+
+It prints a short plain-text report and writes the same figures as JSON to
+bench/results/data_pipeline.json. Everything runs side by side in one process, and machines
+are noisy, so compare the ratios rather than the absolute numbers. Each measurement starts
+its own local Ray (`address="local"`, 2 CPUs, no dashboard, a 1 GiB object store) and shuts
+it down afterwards; a Ray started elsewhere is never joined or stopped.
+
+1. Tokenization throughput, in corpus tokens per second (the tokens the trained tokenizer
+   gives for every non-empty line, without special tokens), on tinyshakespeare concatenated
+   k times (../shared/data/tinyshakespeare.txt):
+   - `orchestrator.data.prepare(DataSpec(...))` into a fresh cache_dir. prepare() also trains
+     the WordPiece tokenizer, so `train_tokenizer()` is timed on its own on the same corpus and
+     subtracted; what is left is tokenizing with Ray Data, packing on the driver and writing
+     the shards.
+   - prepare's Ray Data tokenize stage alone (`prepare._tokenized`, read to the end).
+   - the same tokenizer (loaded from the prepared tokenizer.json) in plain Python over the
+     lines already in memory: `encode(line)` per line, `encode_batch(lines)` and
+     `encode_batch_fast(lines)` in one call.
+2. Streaming peak memory: synthetic token shards (the schema of `prepare.text_schema`, 128
+   tokens a row, 8192 rows a shard as prepare writes them) of N and 10N rows, each streamed
+   for one epoch through a real `TorchTrainer` (2 workers at 0.5 CPU, `open_splits` and
+   `epoch_batches` with batch 32 and a 2048-row shuffle buffer, a trivial reduction per batch).
+   Every 0.2 s a thread samples the RSS of the driver plus every process under it whose
+   name starts with "ray::" (Train workers and controller, Data tasks and actors, idle
+   workers), and the object store's usage. Peaks for 1x and 10x and their ratio; the target
+   is a 10x dataset raising the peak by no more than 20%. RSS counts the shared pages
+   (object store, libraries) once per process, so the sum of RSS minus shared is reported too.
+3. Where MLM masking should run, in samples per second consumed on the driver with
+   `iter_torch_batches` (through `epoch_batches`, batch 32, shuffle buffer 2048): (a)
+   `mask_tokens` on each torch batch in the consumer, as orch's train loop does, versus (b) the
+   same `mask_tokens` as a Ray Data `map_batches` stage (numpy in, numpy out) before iteration;
+   plain iteration without masking is the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from orchestrator.data.prepare import PreparedData, _texts, _tokenized, prepare, text_schema
+from orchestrator.data.sources import find_source
+from orchestrator.data.stream import epoch_batches, mask_tokens, open_splits
+from orchestrator.data.tokenizer import train_tokenizer
+from orchestrator.spec import DataSpec
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+RESULTS = REPO / "bench" / "results" / "data_pipeline.json"
+
+SEQ_LEN = 128
+SHARD_ROWS = 8192  # prepare's default data.shard_rows
+BATCH = 32
+SHUFFLE_BUFFER = 2048
+VOCAB = 30522
+SPECIAL_IDS = [0, 1, 2, 3, 4]  # [PAD] [UNK] [CLS] [SEP] [MASK], as train_tokenizer numbers them
+MASK_ID = 4
+MLM_PROBABILITY = 0.15
+SAMPLE_EVERY_S = 0.2
+
+FULL = {"corpus_copies": 6, "rows": 40_000, "repeats": 3, "map_batch_size": 1024}
+QUICK = {"corpus_copies": 1, "rows": 8_000, "repeats": 1, "map_batch_size": 1024}
+
+
+# --------------------------------------------------------------------------- Ray
+def _start_ray() -> None:
+    import ray
+    from ray.data import DataContext
+
+    # prepare() sets preserve_order on the process-wide DataContext; start every
+    # measurement from a fresh one, quiet.
+    ctx = DataContext()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    DataContext._set_current(ctx)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=1 << 30,
+        log_to_driver=False,
+        logging_level=logging.ERROR,
+    )
+    for name in ("ray", "ray.data", "ray.train"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")  # Ray's deprecation notices (collate_fn) are re-enabled
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    started = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - started
+
+
+# --------------------------------------------------------------------------- 1. tokenization
+def bench_tokenization(
+    work: Path, copies: int, repeats: int, log: Callable[[str], None]
+) -> dict[str, Any]:
+    import ray
+    from tokenizers import Tokenizer
+
+    work.mkdir(parents=True)
+    corpus = work / "corpus.txt"
+    text = CORPUS.read_text(encoding="utf-8")
+    corpus.write_text(text * copies, encoding="utf-8")
+    warmup = work / "warmup.txt"
+    warmup.write_text(text[:100_000], encoding="utf-8")
+    mb = corpus.stat().st_size / 1e6
+    log(f"[1] corpus: tinyshakespeare x{copies} = {mb:.1f} MB")
+
+    def spec(path: Path, run: int) -> DataSpec:  # a fresh cache_dir: really prepare
+        return DataSpec(train=str(path), cache_dir=str(work / f"cache-{run}"), seq_len=SEQ_LEN)
+
+    # Ray is up before prepare(), which reuses it, and a small prepare() first starts Ray
+    # Data's workers, so neither Ray's start-up nor the first workers' imports are timed.
+    _start_ray()
+    try:
+        prepare(spec(warmup, -1))
+        prepare_runs = []
+        for run in range(repeats):
+            prepared, seconds = _timed(lambda run=run: prepare(spec(corpus, run)))
+            prepare_runs.append(seconds)
+        tok_json = (Path(prepared.root) / "tokenizer.json").read_text(encoding="utf-8")
+        source = find_source(str(corpus))
+
+        def ray_stage() -> int:
+            return sum(len(ids) for ids in _tokenized(source, "text", spec(corpus, 0), tok_json))
+
+        stage_runs = [_timed(ray_stage) for _ in range(repeats)]
+        stage_tokens, stage_s = stage_runs[0][0], min(t for _, t in stage_runs)
+    finally:
+        ray.shutdown()
+    prepare_s = min(prepare_runs)
+    train_s = min(
+        _timed(
+            lambda: train_tokenizer(
+                spec(corpus, 0).tokenizer, _texts(source, "text", spec(corpus, 0))
+            )
+        )[1]
+        for _ in range(repeats)
+    )
+    log(f"    prepare {prepare_s:.2f} s, tokenizer training alone {train_s:.2f} s")
+
+    tok = Tokenizer.from_str(tok_json)
+    # The records prepare tokenizes: the non-empty lines, without their newline.
+    lines = [line for line in (text * copies).split("\n") if line.strip()]
+
+    def best(fn: Callable[[], Any]) -> tuple[Any, float]:
+        runs = [_timed(fn) for _ in range(repeats)]
+        return runs[0][0], min(t for _, t in runs)
+
+    per_line, loop_s = best(lambda: [tok.encode(x, add_special_tokens=False) for x in lines])
+    batch, batch_s = best(lambda: tok.encode_batch(lines, add_special_tokens=False))
+    fast, fast_s = best(lambda: tok.encode_batch_fast(lines, add_special_tokens=False))
+    tokens = sum(len(e.ids) for e in batch)
+    assert tokens == sum(len(e.ids) for e in per_line) == sum(len(e.ids) for e in fast)
+    assert stage_tokens == tokens, (stage_tokens, tokens)
+
+    tokenize_s = prepare_s - train_s
+    rates = {
+        "prepare_minus_training": tokens / tokenize_s,
+        "prepare_ray_data_stage": tokens / stage_s,
+        "python_encode_per_line": tokens / loop_s,
+        "python_encode_batch": tokens / batch_s,
+        "python_encode_batch_fast": tokens / fast_s,
+    }
+    base = rates["prepare_minus_training"]
+    return {
+        "corpus_mb": round(mb, 2),
+        "corpus_copies": copies,
+        "repeats": repeats,
+        "prepare_runs_s": [round(x, 3) for x in prepare_runs],
+        "lines": len(lines),
+        "corpus_tokens": tokens,
+        "packed_rows": prepared.manifest["splits"]["train"]["rows"]
+        + prepared.manifest["splits"]["eval"]["rows"],
+        "seconds": {
+            "prepare_total": round(prepare_s, 3),
+            "tokenizer_training": round(train_s, 3),
+            "prepare_minus_training": round(tokenize_s, 3),
+            "prepare_ray_data_stage": round(stage_s, 3),
+            "python_encode_per_line": round(loop_s, 3),
+            "python_encode_batch": round(batch_s, 3),
+            "python_encode_batch_fast": round(fast_s, 3),
+        },
+        "tokens_per_s": {k: round(v) for k, v in rates.items()},
+        "ratio_to_prepare": {k: round(v / base, 2) for k, v in rates.items()},
+    }
+
+
+# --------------------------------------------------------------------------- shards
+def write_shards(root: Path, rows: int, seed: int) -> PreparedData:
+    """Synthetic packed token rows in prepare's layout, wrapped like prepare() would."""
+    rng = np.random.default_rng(seed)
+    (root / "train").mkdir(parents=True)
+    shards = []
+    for start in range(0, rows, SHARD_ROWS):
+        n = min(SHARD_ROWS, rows - start)
+        ids = rng.integers(len(SPECIAL_IDS), VOCAB, size=n * SEQ_LEN, dtype=np.int32)
+        ids[::SEQ_LEN] = 2  # [CLS] ... [SEP], as the packer frames BERT sequences
+        ids[SEQ_LEN - 1 :: SEQ_LEN] = 3
+        table = pa.Table.from_arrays(
+            [
+                pa.array(np.arange(start, start + n, dtype=np.int64)),
+                pa.FixedSizeListArray.from_arrays(pa.array(ids), SEQ_LEN),
+            ],
+            schema=text_schema(SEQ_LEN),
+        )
+        name = f"train/part-{len(shards):05d}.parquet"
+        pq.write_table(table, str(root / name))
+        shards.append(name)
+    manifest = {
+        "kind": "text",
+        "seq_len": SEQ_LEN,
+        "splits": {"train": {"rows": rows, "shards": shards}, "eval": {"rows": 0, "shards": []}},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return PreparedData(str(root), pafs.LocalFileSystem(), manifest)
+
+
+def _disk_mb(prepared: PreparedData) -> float:
+    return sum(os.path.getsize(p) for p in prepared.files("train")) / 1e6
+
+
+# --------------------------------------------------------------------------- 2. memory
+class MemorySampler(threading.Thread):
+    """Sum the RSS of the driver and its "ray::" descendants every `interval` seconds."""
+
+    def __init__(self, interval: float = SAMPLE_EVERY_S):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.driver = psutil.Process()
+        self.done = threading.Event()
+        self.peak: dict[str, Any] = {"rss": 0}
+        self.peak_private = 0
+        self.peak_procs = 0
+        self.peak_store = 0
+        self.spilled = 0
+        self.samples = 0
+        self.role_peak: dict[str, int] = {}
+        self._store = self._store_reader()
+        self.store_readable = self._store is not None
+
+    @staticmethod
+    def _store_reader() -> Callable[[], tuple[int, int]] | None:
+        try:
+            import ray
+            from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+            state = get_state_from_address(ray.get_runtime_context().gcs_address)
+
+            def read() -> tuple[int, int]:
+                stats = get_memory_info_reply(state, timeout_seconds=5).store_stats
+                return stats.object_store_bytes_used, stats.spilled_bytes_total
+
+            read()
+            return read
+        except Exception:  # internal API: optional
+            return None
+
+    def sample(self) -> dict[str, Any]:
+        info = self.driver.memory_info()
+        rss, private = info.rss, info.rss - info.shared
+        roles: dict[str, int] = {"driver": info.rss}
+        procs = 0
+        for proc in self.driver.children(recursive=True):
+            try:
+                cmd = proc.cmdline()
+                name = cmd[0] if cmd and cmd[0].startswith("ray::") else proc.name()
+                if not name.startswith("ray::"):
+                    continue  # raylet, gcs_server: Ray itself, not the job
+                mem = proc.memory_info()
+            except psutil.Error:
+                continue
+            role = name[5:].split(".")[0].split(" ")[0]
+            roles[role] = roles.get(role, 0) + mem.rss
+            rss += mem.rss
+            private += mem.rss - mem.shared
+            procs += 1
+        return {"rss": rss, "private": private, "procs": procs, "roles": roles}
+
+    def run(self) -> None:
+        tick = 0
+        while not self.done.is_set():
+            s = self.sample()
+            self.samples += 1
+            if s["rss"] > self.peak["rss"]:
+                self.peak = s
+            self.peak_private = max(self.peak_private, s["private"])
+            self.peak_procs = max(self.peak_procs, s["procs"])
+            for role, value in s["roles"].items():
+                self.role_peak[role] = max(self.role_peak.get(role, 0), value)
+            if self._store is not None and tick % 2 == 0:  # every 0.4 s: a gRPC round trip
+                try:
+                    used, spilled = self._store()
+                    self.peak_store = max(self.peak_store, used)
+                    self.spilled = max(self.spilled, spilled)
+                except Exception:
+                    self._store = None
+            tick += 1
+            self.done.wait(self.interval)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+
+
+def _train_loop(config: dict[str, Any]) -> dict[str, Any]:
+    import time
+
+    import ray.train
+
+    from orchestrator.data.stream import epoch_batches
+
+    shard = ray.train.get_dataset_shard("train")
+    rows, acc, started = 0, 0.0, time.perf_counter()
+    for batch in epoch_batches(shard, config["batch"], 0, 0, shuffle_buffer=config["buffer"]):
+        ids = batch["input_ids"]
+        acc += float(ids[:, 1:9].float().mean())  # a trivial amount of work per batch
+        rows += ids.shape[0]
+    return {"rows": rows, "seconds": time.perf_counter() - started, "acc": acc}
+
+
+def measure_streaming(prepared: PreparedData, work: Path, label: str) -> dict[str, Any]:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    _start_ray()
+    sampler = None
+    try:
+        time.sleep(1.0)  # let the start-up workers settle before the idle baseline
+        idle = MemorySampler().sample()
+        trainer = TorchTrainer(
+            _train_loop,
+            train_loop_config={"batch": BATCH, "buffer": SHUFFLE_BUFFER},
+            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+            run_config=RunConfig(name=f"mem-{label}", storage_path=str(work / "ray_results")),
+            datasets={"train": open_splits(prepared, seed=0)["train"]},
+        )
+        sampler = MemorySampler()
+        sampler.start()
+        result, fit_s = _timed(trainer.fit)
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        ray.shutdown()
+    rank0 = result.return_value
+    peak = sampler.peak
+    return {
+        "rows": prepared.manifest["splits"]["train"]["rows"],
+        "shards": len(prepared.files("train")),
+        "decoded_mb": round(prepared.manifest["splits"]["train"]["rows"] * (SEQ_LEN * 4 + 8) / 1e6),
+        "disk_mb": round(_disk_mb(prepared), 1),
+        "fit_s": round(fit_s, 1),
+        "rank0_rows": rank0["rows"],
+        "rank0_rows_per_s": round(rank0["rows"] / rank0["seconds"]),
+        "samples": sampler.samples,
+        "idle_rss_mb": round(idle["rss"] / 2**20),
+        "peak_rss_mb": round(peak["rss"] / 2**20),
+        "peak_private_mb": round(sampler.peak_private / 2**20),
+        "peak_ray_processes": sampler.peak_procs,
+        "processes_at_peak": peak["procs"],
+        "roles_at_peak_mb": {
+            k: round(v / 2**20) for k, v in sorted(peak["roles"].items(), key=lambda kv: -kv[1])
+        },
+        "role_peaks_mb": {
+            k: round(v / 2**20) for k, v in sorted(sampler.role_peak.items(), key=lambda kv: -kv[1])
+        },
+        "peak_object_store_mb": round(sampler.peak_store / 2**20, 1)
+        if sampler.store_readable
+        else None,
+        "spilled_mb": round(sampler.spilled / 2**20, 1),
+    }
+
+
+def bench_streaming(
+    small: PreparedData, large: PreparedData, work: Path, log: Callable[[str], None]
+) -> dict[str, Any]:
+    runs = {}
+    for label, prepared in (("1x", small), ("10x", large)):
+        runs[label] = measure_streaming(prepared, work, label)
+        r = runs[label]
+        log(
+            f"[2] {label}: {r['rows']} rows, peak {r['peak_rss_mb']} MB RSS "
+            f"({r['peak_ray_processes']} ray:: processes), fit {r['fit_s']} s"
+        )
+    one, ten = runs["1x"], runs["10x"]
+    return {
+        "runs": runs,
+        "peak_rss_ratio": round(ten["peak_rss_mb"] / one["peak_rss_mb"], 3),
+        "peak_private_ratio": round(ten["peak_private_mb"] / one["peak_private_mb"], 3),
+        "peak_above_idle_ratio": round(
+            (ten["peak_rss_mb"] - ten["idle_rss_mb"]) / (one["peak_rss_mb"] - one["idle_rss_mb"]),
+            3,
+        ),
+        "target_ratio_max": 1.2,
+    }
+
+
+# --------------------------------------------------------------------------- 3. masking
+def _mask_numpy(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The Ray Data stage: the same mask_tokens, on a numpy batch."""
+    ids = batch["input_ids"]
+    if ids.dtype == object:
+        ids = np.stack(ids)
+    gen = torch.Generator().manual_seed(int(batch["sample_id"][0]))
+    inputs, labels = mask_tokens(
+        torch.from_numpy(np.ascontiguousarray(ids)),
+        mask_id=MASK_ID,
+        vocab_size=VOCAB,
+        special_ids=SPECIAL_IDS,
+        probability=MLM_PROBABILITY,
+        generator=gen,
+    )
+    return {"sample_id": batch["sample_id"], "input_ids": inputs.numpy(), "labels": labels.numpy()}
+
+
+def _consume(ds: Any, mask_in_loop: bool) -> tuple[int, float, float]:
+    gen = torch.Generator().manual_seed(0)
+    rows, masked_s, acc = 0, 0.0, 0
+    started = time.perf_counter()
+    for batch in epoch_batches(ds, BATCH, 0, 0, shuffle_buffer=SHUFFLE_BUFFER):
+        ids = batch["input_ids"]
+        if mask_in_loop:
+            t = time.perf_counter()
+            ids, labels = mask_tokens(
+                ids,
+                mask_id=MASK_ID,
+                vocab_size=VOCAB,
+                special_ids=SPECIAL_IDS,
+                probability=MLM_PROBABILITY,
+                generator=gen,
+            )
+            masked_s += time.perf_counter() - t
+        else:
+            labels = batch.get("labels")
+        if labels is not None:
+            acc += int((labels[:, :8] != -100).sum())
+        rows += ids.shape[0]
+    return rows, time.perf_counter() - started, masked_s
+
+
+def bench_masking(
+    prepared: PreparedData, repeats: int, map_batch_size: int, log: Callable[[str], None]
+) -> dict[str, Any]:
+    import ray
+
+    variants = {
+        "no_masking": lambda: (open_splits(prepared, seed=0)["train"], False),
+        "in_consumer": lambda: (open_splits(prepared, seed=0)["train"], True),
+        "map_batches": lambda: (
+            open_splits(prepared, seed=0)["train"].map_batches(
+                _mask_numpy, batch_format="numpy", batch_size=map_batch_size
+            ),
+            False,
+        ),
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    mask_s: list[float] = []
+    rows = {}
+    _start_ray()
+    try:
+        _consume(open_splits(prepared, seed=0)["train"], False)  # warm-up: workers, page cache
+        for _ in range(repeats):
+            for name, make in variants.items():
+                ds, in_loop = make()
+                rows[name], seconds, masked = _consume(ds, in_loop)
+                times[name].append(seconds)
+                if in_loop:
+                    mask_s.append(masked)
+    finally:
+        ray.shutdown()
+    rates = {k: rows[k] / statistics.median(v) for k, v in times.items()}
+    log(
+        "[3] samples/s: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in rates.items())
+        + f" ({rows['in_consumer']} rows, median of {repeats})"
+    )
+    return {
+        "rows": rows["in_consumer"],
+        "repeats": repeats,
+        "map_batch_size": map_batch_size,
+        "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
+        "samples_per_s": {k: round(v) for k, v in rates.items()},
+        "mask_tokens_s_in_consumer": round(statistics.median(mask_s), 3),
+        "ratio_map_batches_to_in_consumer": round(rates["map_batches"] / rates["in_consumer"], 3),
+        "ratio_in_consumer_to_no_masking": round(rates["in_consumer"] / rates["no_masking"], 3),
+    }
+
+
+# --------------------------------------------------------------------------- report
+def report(results: dict[str, Any]) -> str:
+    t, s, m = results["tokenization"], results["streaming"], results["masking"]
+    out = [
+        f"orch data pipeline benchmark ({results['mode']}, {results['cpus']} CPUs, "
+        f"{results['total_s']:.0f} s)",
+        "",
+        f"1. Tokenization: {t['corpus_mb']} MB ({t['lines']} lines, {t['corpus_tokens']} tokens)",
+        f"   prepare() {t['seconds']['prepare_total']} s minus tokenizer training "
+        f"{t['seconds']['tokenizer_training']} s (timed separately with train_tokenizer)",
+        "   = tokenize with Ray Data + pack on the driver + write shards",
+    ]
+    names = {
+        "prepare_minus_training": "prepare (minus tokenizer training)",
+        "prepare_ray_data_stage": "prepare's Ray Data tokenize stage only",
+        "python_encode_per_line": "tok.encode(line) per line",
+        "python_encode_batch": "tok.encode_batch(lines)",
+        "python_encode_batch_fast": "tok.encode_batch_fast(lines)",
+    }
+    for key, label in names.items():
+        out.append(
+            f"   {label:<40} {t['tokens_per_s'][key]:>10,} tokens/s  "
+            f"x{t['ratio_to_prepare'][key]:.2f} vs prepare"
+        )
+    out += ["", "2. Streaming peak memory (driver + ray:: processes, RSS sampled every 0.2 s)"]
+    for label, r in s["runs"].items():
+        store = r["peak_object_store_mb"]
+        out.append(
+            f"   {label:>3}: {r['rows']:>7} rows ({r['decoded_mb']} MB decoded, "
+            f"{r['disk_mb']} MB on disk, {r['shards']} shards): peak {r['peak_rss_mb']} MB RSS, "
+            f"{r['peak_private_mb']} MB RSS-shared, idle {r['idle_rss_mb']} MB, "
+            f"{r['peak_ray_processes']} ray:: procs, object store "
+            f"{store if store is not None else 'n/a'} MB, fit {r['fit_s']} s, "
+            f"{r['rank0_rows_per_s']} rows/s/worker"
+        )
+        top = ", ".join(f"{k} {v}" for k, v in list(r["roles_at_peak_mb"].items())[:6])
+        out.append(f"        at the peak: {top} (MB)")
+    verdict = "OK" if s["peak_rss_ratio"] <= s["target_ratio_max"] else "ABOVE TARGET"
+    out.append(
+        f"   10x/1x peak RSS x{s['peak_rss_ratio']} (target <= x{s['target_ratio_max']}: "
+        f"{verdict}); RSS-shared x{s['peak_private_ratio']}; "
+        f"above idle x{s['peak_above_idle_ratio']}"
+    )
+    out += [
+        "",
+        f"3. MLM masking placement ({m['rows']} rows, batch {BATCH}, shuffle buffer "
+        f"{SHUFFLE_BUFFER}, consumed on the driver)",
+    ]
+    for key, label in (
+        ("no_masking", "no masking (reference)"),
+        ("in_consumer", "mask_tokens per torch batch in consumer"),
+        ("map_batches", f"map_batches stage (batch {m['map_batch_size']})"),
+    ):
+        out.append(f"   {label:<40} {m['samples_per_s'][key]:>8,} samples/s")
+    out.append(
+        f"   map_batches / in-consumer x{m['ratio_map_batches_to_in_consumer']}; "
+        f"in-consumer / no masking x{m['ratio_in_consumer_to_no_masking']}; "
+        f"mask_tokens itself took {m['mask_tokens_s_in_consumer']} s of the in-consumer pass"
+    )
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (about 2 minutes)")
+    args = parser.parse_args()
+    cfg = QUICK if args.quick else FULL
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    started = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"{time.perf_counter() - started:6.1f}s {msg}", flush=True)
+
+    results: dict[str, Any] = {
+        "mode": "quick" if args.quick else "full",
+        "cpus": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "config": cfg,
+    }
+    with tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp:
+        work = Path(tmp)
+        # Streaming first, while the driver holds little memory of its own.
+        small = write_shards(work / "small", cfg["rows"], seed=0)
+        large = write_shards(work / "large", cfg["rows"] * 10, seed=1)
+        results["streaming"] = bench_streaming(small, large, work, log)
+        results["masking"] = bench_masking(small, cfg["repeats"], cfg["map_batch_size"], log)
+        results["tokenization"] = bench_tokenization(
+            work / "tok", cfg["corpus_copies"], max(2, cfg["repeats"] - 1), log
+        )
+    results["total_s"] = round(time.perf_counter() - started, 1)
+    text = report(results)
+    results["report"] = text
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print(text)
+    print(f"\nwritten to {RESULTS.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()

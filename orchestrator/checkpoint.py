@@ -1,0 +1,109 @@
+"""Checkpoint manifests (checked before any resume) and the final, consolidated model export."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CheckpointMismatch",
+    "Manifest",
+    "export_model",
+    "library_versions",
+    "read_manifest",
+    "write_manifest",
+]
+
+MANIFEST = "orch_checkpoint.json"
+
+
+class CheckpointMismatch(Exception):
+    """A checkpoint that does not fit the run that wants to resume from it."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    step: int
+    epoch: int
+    batches_in_epoch: int  # micro batches of `epoch` already consumed: where data resumes
+    world_size: int
+    zero_stage: int | None  # None: plain DDP
+    precision: str
+    model_config_hash: str
+    versions: dict[str, str]
+
+    def check_resumable_by(self, other: Manifest, where: str) -> None:
+        """Refuse, with the reason and the fix, a checkpoint this run cannot continue from."""
+        fresh = "start a fresh run with another name (--name) or remove that run's directory"
+        if self.model_config_hash != other.model_config_hash:
+            raise CheckpointMismatch(
+                f"{where} was written for another model or dataset (config {self.model_config_hash}, "
+                f"this run {other.model_config_hash}); {fresh}"
+            )
+        if self.zero_stage != other.zero_stage:
+            raise CheckpointMismatch(
+                f"{where} was written with {_zero(self.zero_stage)}, this run uses "
+                f"{_zero(other.zero_stage)}; {fresh}"
+            )
+        sharded = self.zero_stage is not None and self.zero_stage > 0
+        if sharded and self.world_size != other.world_size:
+            raise CheckpointMismatch(
+                f"{where} holds ZeRO-{self.zero_stage} shards of {self.world_size} workers, this run "
+                f"has {other.world_size}; use scaling.num_workers={self.world_size} or {fresh}"
+            )
+        if self.zero_stage is not None and self.precision != other.precision:
+            raise CheckpointMismatch(
+                f"{where} was written in {self.precision}, this run uses {other.precision}; "
+                f"DeepSpeed optimizer state differs between them; {fresh}"
+            )
+
+
+def _zero(stage: int | None) -> str:
+    return "plain DDP (no deepspeed)" if stage is None else f"DeepSpeed ZeRO-{stage}"
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("orch", "torch", "ray", "deepspeed", "transformers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def write_manifest(directory: str, manifest: Manifest) -> None:
+    Path(directory, MANIFEST).write_text(json.dumps(asdict(manifest), indent=2))
+
+
+def read_manifest(directory: str) -> Manifest:
+    path = Path(directory, MANIFEST)
+    if not path.is_file():
+        raise CheckpointMismatch(f"{directory} is not an orch checkpoint (no {MANIFEST})")
+    return Manifest(**json.loads(path.read_text()))
+
+
+def export_model(checkpoint_dir: str, out_dir: str, meta: dict[str, Any]) -> str:
+    """Write state_dict.pt (fp32, consolidated across ZeRO shards) and model.json to out_dir."""
+    import torch
+
+    from orchestrator.distributed import DS_TAG
+
+    manifest = read_manifest(checkpoint_dir)
+    if manifest.zero_stage is None:
+        state = torch.load(os.path.join(checkpoint_dir, "state.pt"), map_location="cpu")["model"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=DS_TAG)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    os.makedirs(out_dir, exist_ok=True)
+    torch.save(state, os.path.join(out_dir, "state_dict.pt"))
+    meta = {**meta, "checkpoint": asdict(manifest)}
+    Path(out_dir, "model.json").write_text(json.dumps(meta, indent=2))
+    return out_dir

@@ -1,0 +1,244 @@
+"""How the model is distributed: plain DDP or a DeepSpeed ZeRO engine, behind one small interface.
+
+The training loop calls `forward_context()`, `backward(loss)` (which steps the optimizer at
+gradient-accumulation boundaries), `save(dir)` and `load(dir)`; it never touches DDP or
+DeepSpeed directly. Keeping distribution here keeps the loop and the models free of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from orchestrator.spec import DeepSpeedSpec, OptimizerSpec, SchedulerSpec, TrainSpec
+
+__all__ = [
+    "DDPEngine",
+    "DeepSpeedEngine",
+    "accumulation_steps",
+    "deepspeed_config",
+    "lr_lambda",
+    "make_engine",
+    "make_optimizer",
+]
+
+DS_TAG = "zero"  # DeepSpeed's checkpoint tag inside each orch checkpoint
+
+
+def accumulation_steps(train: TrainSpec, world_size: int) -> int:
+    """Micro batches per optimizer step on each worker."""
+    per_pass = train.micro_batch_size * world_size
+    return (train.global_batch_size or per_pass) // per_pass
+
+
+def deepspeed_config(ds: DeepSpeedSpec, train: TrainSpec, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config orch derives from the spec, with `deepspeed.extra` merged in."""
+    accum = accumulation_steps(train, world_size)
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": ds.offload_optimizer}
+    if ds.offload_param != "none":
+        zero["offload_param"] = {"device": ds.offload_param}
+    config: dict[str, Any] = {
+        "train_batch_size": train.micro_batch_size * world_size * accum,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16"},
+        # orch builds a torch optimizer; DeepSpeed would otherwise insist on its own ones.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,  # orch reports progress itself
+        "wall_clock_breakdown": False,
+    }
+    if train.grad_clip is not None:
+        config["gradient_clipping"] = train.grad_clip
+    return _merge(config, ds.extra)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def make_optimizer(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimizer:
+    # No weight decay on biases and norms, as BERT and GPT-2 were trained.
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": spec.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if spec.name == "sgd":
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum)
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps)
+
+
+def lr_lambda(spec: SchedulerSpec, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak LR at each step: linear warmup, then constant/linear/cosine decay."""
+
+    def factor(step: int) -> float:
+        if step < spec.warmup_steps:
+            return (step + 1) / spec.warmup_steps
+        if spec.name == "constant":
+            return 1.0
+        span = max(1, total_steps - spec.warmup_steps)
+        progress = min(1.0, (step - spec.warmup_steps) / span)
+        shape = 1 - progress if spec.name == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * shape
+
+    return factor
+
+
+class DDPEngine:
+    """Plain data parallelism (torch DDP through Ray Train), with autocast for bf16/fp16."""
+
+    def __init__(self, model: nn.Module, train: TrainSpec, accum: int, total_steps: int):
+        import ray.train.torch
+
+        self.device = ray.train.torch.get_device()
+        self.module = model
+        self.model = ray.train.torch.prepare_model(model)
+        self.optimizer = make_optimizer(train.optimizer, model)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(train.scheduler, total_steps)
+        )
+        self.train, self.accum, self.micro = train, accum, 0
+        self.scaler = torch.amp.GradScaler(enabled=train.precision == "fp16")
+        self.input_dtype = torch.float32
+
+    def forward_context(self) -> contextlib.AbstractContextManager[Any]:
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+        if self.train.precision not in dtypes:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtypes[self.train.precision])
+
+    def backward(self, loss: torch.Tensor) -> bool:
+        """Accumulate; at a boundary clip, step and return True."""
+        self.micro += 1
+        boundary = self.micro % self.accum == 0
+        sync = (
+            contextlib.nullcontext()
+            if boundary or not hasattr(self.model, "no_sync")
+            else (self.model.no_sync())
+        )
+        with sync:
+            self.scaler.scale(loss / self.accum).backward()
+        if not boundary:
+            return False
+        if self.train.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, directory: str, rank: int) -> None:
+        if rank == 0:
+            torch.save(
+                {
+                    "model": self.module.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                },
+                os.path.join(directory, "state.pt"),
+            )
+
+    def load(self, directory: str) -> None:
+        state = torch.load(os.path.join(directory, "state.pt"), map_location=self.device)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    def train_mode(self, on: bool) -> None:
+        self.model.train(on)
+
+
+class DeepSpeedEngine:
+    """A DeepSpeed ZeRO engine; on CPU it runs with gloo through DeepSpeed's CPU accelerator."""
+
+    def __init__(
+        self, model: nn.Module, train: TrainSpec, ds: DeepSpeedSpec, world: int, total_steps: int
+    ):
+        import deepspeed
+
+        optimizer = make_optimizer(train.optimizer, model)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(train.scheduler, total_steps)
+        )
+        self.config = deepspeed_config(ds, train, world)
+        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config
+        )
+        self.device = self.model.device
+        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            train.precision, torch.float32
+        )
+
+    def forward_context(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()  # DeepSpeed casts the model itself
+
+    def backward(self, loss: torch.Tensor) -> bool:
+        self.model.backward(loss)
+        boundary = self.model.is_gradient_accumulation_boundary()
+        self.model.step()  # steps optimizer and scheduler only at a boundary
+        return boundary
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, directory: str, rank: int) -> None:
+        # Every rank writes its own ZeRO shard; Ray merges the ranks' files into one checkpoint.
+        self.model.save_checkpoint(directory, tag=DS_TAG)
+
+    def load(self, directory: str) -> None:
+        path, _ = self.model.load_checkpoint(directory, tag=DS_TAG)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")
+
+    def train_mode(self, on: bool) -> None:
+        self.model.train(on)
+
+
+def make_engine(
+    model: nn.Module,
+    train: TrainSpec,
+    ds: DeepSpeedSpec | None,
+    world: int,
+    accum: int,
+    total_steps: int,
+) -> DDPEngine | DeepSpeedEngine:
+    if ds is None:
+        return DDPEngine(model, train, accum, total_steps)
+    return DeepSpeedEngine(model, train, ds, world, total_steps)
+
+
+@contextlib.contextmanager
+def no_grad_eval(engine: DDPEngine | DeepSpeedEngine) -> Iterator[None]:
+    engine.train_mode(False)
+    try:
+        with torch.no_grad(), engine.forward_context():
+            yield
+    finally:
+        engine.train_mode(True)

@@ -1,0 +1,225 @@
+"""`orch run`: prepare data, check the plan, train with Ray Train, export the final model.
+
+The same function runs on a laptop (a local Ray) and, later, as the entrypoint of a Ray job.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from orchestrator.checkpoint import CheckpointMismatch, export_model
+from orchestrator.data import PreparedData, open_splits, prepare
+from orchestrator.models import DataInfo, ModelError, config_hash, resolve_custom
+from orchestrator.plan import PlanError, check_data_cpus, check_memory
+from orchestrator.ray_session import ray_session
+from orchestrator.spec import WorkloadSpec
+from orchestrator.train_loop import train_loop
+
+__all__ = ["RunError", "RunResult", "TrainingFailed", "run_workload"]
+
+
+class RunError(Exception):
+    """The workload cannot start as specified (exit code 2): bad model, data, plan or checkpoint."""
+
+
+class TrainingFailed(Exception):
+    """Training started and failed (exit code 1)."""
+
+
+@dataclass
+class RunResult:
+    name: str
+    path: str  # the run's directory: checkpoints, export
+    metrics: dict[str, Any]  # the last report
+    checkpoint: str | None
+    model_dir: str | None
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_workload(
+    spec: WorkloadSpec,
+    *,
+    address: str | None = None,
+    name: str | None = None,
+    verbose: bool = False,
+    log: Callable[[str], None] = lambda _: None,
+    on_progress: Callable[[dict[str, Any]], None] = lambda _: None,
+) -> RunResult:
+    """Run one workload to the end (resuming its earlier checkpoints) and export the model."""
+    from orchestrator.data import DataError
+
+    started = time.monotonic()
+    name = name or spec.name
+    if spec.model.kind == "custom":
+        try:
+            resolve_custom(spec.model.build)
+        except ModelError as exc:
+            raise RunError(str(exc)) from None
+    with ray_session(address, verbose):
+        try:
+            prepared = prepare(spec.data, log=log, ray_address=address, verbose=verbose)
+        except DataError as exc:
+            raise RunError(f"data: {exc}") from None
+        info = data_info(spec, prepared)
+        try:
+            _check_plan(spec, info)
+        except (PlanError, ModelError) as exc:
+            raise RunError(str(exc)) from None
+        return _fit(spec, prepared, info, name, verbose, log, on_progress, started)
+
+
+def data_info(spec: WorkloadSpec, prepared: PreparedData) -> DataInfo:
+    m = prepared.manifest
+    if m["kind"] == "text":
+        tokenizer = m.get("tokenizer") or {}
+        return DataInfo(vocab_size=tokenizer.get("vocab_size"))
+    image = m["image"]
+    num_classes = image["num_classes"]
+    model_classes = getattr(spec.model, "num_classes", None)
+    if model_classes is not None and model_classes < num_classes:
+        raise RunError(
+            f"model.num_classes is {model_classes} but the data has {num_classes} classes "
+            f"(labels up to {num_classes - 1}); set model.num_classes: {num_classes}"
+        )
+    channels = image["shape"][2] if image["shape"] else getattr(spec.model, "in_channels", 3)
+    model_channels = getattr(spec.model, "in_channels", channels)
+    if model_channels != channels:
+        raise RunError(f"model.in_channels is {model_channels} but the images have {channels}")
+    return DataInfo(num_classes=model_classes or num_classes, channels=channels)
+
+
+def _check_plan(spec: WorkloadSpec, info: DataInfo) -> None:
+    import ray
+
+    if address_is_local():
+        check_data_cpus(spec.scaling, ray.cluster_resources().get("CPU", 0))
+        if not spec.scaling.use_gpu:
+            check_memory(spec.model, info, spec.train, spec.deepspeed, spec.scaling,
+                         psutil.virtual_memory().available, "this machine")  # fmt: skip
+
+
+def address_is_local() -> bool:
+    import ray
+
+    return len(ray.nodes()) == 1
+
+
+def _fit(
+    spec: WorkloadSpec,
+    prepared: PreparedData,
+    info: DataInfo,
+    name: str,
+    verbose: bool,
+    log: Callable[[str], None],
+    on_progress: Callable[[dict[str, Any]], None],
+    started: float,
+) -> RunResult:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    from orchestrator.progress import ProgressCallback, ProgressPrinter
+
+    storage = _storage(spec.train.storage_path)
+    data = {
+        "kind": prepared.kind,
+        "train_rows": prepared.manifest["splits"]["train"]["rows"],
+        "seq_len": prepared.manifest.get("seq_len"),
+        "tokenizer": prepared.manifest.get("tokenizer"),
+        "image": prepared.manifest.get("image"),
+        "mlm_probability": spec.data.mlm_probability,
+        "shuffle_buffer": spec.data.shuffle_buffer,
+        "augment": spec.data.augment,
+    }
+    if spec.model.kind == "bert_mlm" and not (data["tokenizer"] or {}).get("mask_id"):
+        raise RunError("data: bert_mlm needs a tokenizer with a [MASK] token (use kind wordpiece)")
+    loop_config = {
+        "model": spec.model.model_dump(mode="json"),
+        "train": spec.train.model_dump(mode="json"),
+        "deepspeed": spec.deepspeed.model_dump(mode="json") if spec.deepspeed else None,
+        "data": data,
+        "data_info": info.__dict__,
+        "model_config_hash": config_hash(spec.model, info),
+    }
+    channel = Queue(actor_options={"num_cpus": 0})
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=spec.scaling.num_workers,
+            use_gpu=spec.scaling.use_gpu,
+            resources_per_worker=spec.scaling.resources_per_worker,
+            placement_strategy=spec.scaling.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=spec.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+            callbacks=[ProgressCallback(channel)],
+        ),
+        datasets=open_splits(prepared, seed=spec.train.seed, shuffle=spec.data.shuffle_buffer > 0),
+    )
+    log(f"training {name}: {spec.scaling.num_workers} worker(s), run directory {storage}/{name}")
+    with ProgressPrinter(channel, on_progress) as printer:
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as exc:
+            raise _explain(exc) from None
+    history = printer.events
+    model_dir = None
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as directory:
+            model_dir = export_model(
+                directory,
+                os.path.join(_local_dir(result.path), "model"),
+                {"model": loop_config["model"], "data": loop_config["data_info"],
+                 "task": spec.model.kind},
+            )  # fmt: skip
+    return RunResult(
+        name=name,
+        path=result.path,
+        metrics=history[-1] if history else (result.metrics or {}),
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        model_dir=model_dir,
+        seconds=time.monotonic() - started,
+        history=history,
+    )
+
+
+def _storage(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def _local_dir(path: str) -> str:
+    if "://" in path:  # remote storage: export next to the working directory instead
+        return os.path.abspath(os.path.join("orch_exports", path.rstrip("/").split("/")[-1]))
+    return path
+
+
+def _explain(exc: Exception) -> Exception:
+    """User mistakes found on a worker become RunError; anything else is a training failure."""
+    failures = getattr(exc, "worker_failures", {}) or {}
+    for error in failures.values():
+        cause = error
+        while cause is not None:
+            if isinstance(cause, (CheckpointMismatch, ModelError)):
+                return RunError(str(cause))
+            cause = cause.__cause__
+        text = str(error)
+        for kind in ("CheckpointMismatch", "ModelError"):
+            if kind in text:
+                return RunError(_last_line(text, kind))
+    return TrainingFailed(str(exc))
+
+
+def _last_line(text: str, kind: str) -> str:
+    lines = [line for line in text.splitlines() if kind in line]
+    return lines[-1].split(f"{kind}: ", 1)[-1] if lines else text

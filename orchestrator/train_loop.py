@@ -1,0 +1,325 @@
+"""The per-worker training loop: reads top to bottom, from a plain config to reported metrics.
+
+Runs inside each Ray Train worker. Every rank follows the same schedule of `ray.train.report`
+calls (it is a collective), so logging, evaluation and checkpointing happen on the same steps
+everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import TypeAdapter
+
+from orchestrator.checkpoint import Manifest, library_versions, read_manifest, write_manifest
+from orchestrator.data.stream import decode_images, epoch_batches, mask_tokens
+from orchestrator.distributed import accumulation_steps, make_engine, no_grad_eval
+from orchestrator.models import DataInfo, build_model, task_of
+from orchestrator.spec import DeepSpeedSpec, ModelSpec, TrainSpec
+
+__all__ = ["LoopConfig", "steps_per_epoch", "train_loop"]
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The slice of the workload a worker needs, re-validated on the worker."""
+
+    model: Any
+    train: TrainSpec
+    deepspeed: DeepSpeedSpec | None
+    data: dict[str, Any]  # manifest facts + mlm_probability, shuffle_buffer, augment
+    data_info: DataInfo
+    model_config_hash: str
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> LoopConfig:
+        return cls(
+            model=TypeAdapter(ModelSpec).validate_python(raw["model"]),
+            train=TrainSpec.model_validate(raw["train"]),
+            deepspeed=DeepSpeedSpec.model_validate(raw["deepspeed"]) if raw["deepspeed"] else None,
+            data=raw["data"],
+            data_info=DataInfo(**raw["data_info"]),
+            model_config_hash=raw["model_config_hash"],
+        )
+
+
+def steps_per_epoch(train_rows: int, train: TrainSpec, world: int) -> int:
+    """Optimizer steps in one epoch: rows split equally, whole micro batches, whole accumulations."""
+    micro_batches = (train_rows // world) // train.micro_batch_size
+    return micro_batches // accumulation_steps(train, world)
+
+
+def train_loop(raw_config: dict[str, Any]) -> None:
+    import ray.train
+
+    cfg = LoopConfig.from_dict(raw_config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    train = cfg.train
+
+    torch.manual_seed(train.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model, cfg.data_info)
+    accum = accumulation_steps(train, world)
+    per_epoch = steps_per_epoch(cfg.data["train_rows"], train, world)
+    if per_epoch == 0:
+        raise ValueError(
+            f"the training split ({cfg.data['train_rows']} rows) is smaller than one global batch "
+            f"({train.micro_batch_size} x {world} workers x {accum}); use more data or smaller batches"
+        )
+    total = train.max_steps or per_epoch * train.epochs
+    epochs = math.ceil(total / per_epoch)
+    engine = make_engine(model, train, cfg.deepspeed, world, accum, total)
+    task = task_of(cfg.model)
+    me = Manifest(0, 0, 0, world, cfg.deepspeed.zero_stage if cfg.deepspeed else None,
+                  train.precision, cfg.model_config_hash, library_versions())  # fmt: skip
+
+    step, start_epoch, skip = 0, 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            saved = read_manifest(directory)
+            saved.check_resumable_by(me, f"checkpoint {checkpoint.path}")
+            engine.load(directory)
+        step, start_epoch, skip = saved.step, saved.epoch, saved.batches_in_epoch
+
+    mask_gen = torch.Generator().manual_seed(train.seed * 1000 + rank + step)
+    window = _Window()
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = _eval_shard()
+
+    for epoch in range(start_epoch, epochs):
+        if step >= total:
+            break
+        batches = epoch_batches(train_shard, train.micro_batch_size, train.seed, epoch,
+                                cfg.data["shuffle_buffer"])  # fmt: skip
+        consumed = 0
+        wait_started = time.perf_counter()
+        for batch in batches:
+            consumed += 1
+            if epoch == start_epoch and consumed <= skip:  # resume at the saved data position
+                wait_started = time.perf_counter()
+                continue
+            window.wait += time.perf_counter() - wait_started
+            inputs, labels = _prepare(batch, task, cfg, engine, mask_gen)
+            with engine.forward_context():
+                loss = _loss(engine.model(inputs), labels, task)
+            window.add_loss(loss.detach().float().item(), len(labels))
+            if not engine.backward(loss):
+                wait_started = time.perf_counter()
+                continue
+            step += 1
+            done = step >= total
+            evaluate = done or bool(train.eval_every and step % train.eval_every == 0)
+            save = done or bool(train.checkpoint_every and step % train.checkpoint_every == 0)
+            if evaluate or save or step % train.log_every == 0:
+                # Training throughput first, so evaluation and saving do not count as step time.
+                metrics = window.flush(step, epoch, engine.lr(), cfg, world) | {
+                    "total_steps": total
+                }
+                if evaluate:
+                    metrics |= _evaluate(eval_shard, task, cfg, engine)
+                position = (
+                    (epoch, consumed) if consumed < _batches_hint(cfg, world) else (epoch + 1, 0)
+                )
+                _report(metrics, engine, me, (step, *position), rank, save)
+                window.restart()
+            if done:
+                break
+            wait_started = time.perf_counter()
+
+
+class _Window:
+    """Accumulates loss and timings between reports."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.wait = 0.0
+        self.loss_sum = 0.0
+        self.count = 0
+        self.samples = 0
+        self.last_step = 0
+
+    def add_loss(self, loss: float, n: int) -> None:
+        self.loss_sum += loss
+        self.count += 1
+        self.samples += n
+
+    def flush(
+        self, step: int, epoch: int, lr: float, cfg: LoopConfig, world: int
+    ) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self.start
+        totals = _all_sum(torch.tensor([self.loss_sum, self.count, self.samples, self.wait]))
+        loss_sum, count, samples, wait = totals.tolist()
+        steps = max(1, step - self.last_step)
+        out = {
+            "step": step,
+            "epoch": epoch,
+            "loss": loss_sum / max(1.0, count),
+            "lr": lr,
+            "samples_per_s": samples / elapsed,
+            "step_time_s": elapsed / steps,
+            "data_wait_s": wait / world / steps,
+            "data_wait_share": (wait / world) / elapsed,
+        }
+        if cfg.data["kind"] == "text":
+            out["tokens_per_s"] = out["samples_per_s"] * cfg.data["seq_len"]
+        self.last_step = step
+        return out
+
+    def restart(self) -> None:
+        self.start = time.perf_counter()
+        self.wait = self.loss_sum = 0.0
+        self.count = self.samples = 0
+
+
+def _prepare(
+    batch: dict[str, Any], task: str, cfg: LoopConfig, engine: Any, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stored batch -> (model inputs, labels) on the engine's device."""
+    if task == "masked_lm":
+        tok = cfg.data["tokenizer"]
+        specials = [
+            i
+            for i in (tok["pad_id"], tok["sep_id"], tok["cls_id"], tok["mask_id"])
+            if i is not None
+        ]
+        inputs, labels = mask_tokens(
+            batch["input_ids"].long(), mask_id=tok["mask_id"], vocab_size=tok["vocab_size"],
+            special_ids=specials, probability=cfg.data["mlm_probability"], generator=gen,
+        )  # fmt: skip
+    elif task == "causal_lm":
+        inputs = labels = batch["input_ids"].long()
+    else:
+        image = cfg.data["image"]
+        inputs = decode_images(
+            batch["image"], encoding=image["encoding"], shape=image["shape"],
+            size=getattr(cfg.model, "image_size", 28), channels=cfg.data_info.channels or 1,
+            augment=cfg.data["augment"], generator=gen,
+        ).to(engine.input_dtype)  # fmt: skip
+        labels = batch["label"].long()
+    return inputs.to(engine.device), labels.to(engine.device)
+
+
+def _logits(output: Any) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+def _loss(output: Any, labels: torch.Tensor, task: str) -> torch.Tensor:
+    logits = _logits(output).float()
+    if task == "causal_lm":  # predict token t+1 from tokens up to t
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
+
+
+def _eval_shard() -> Any:
+    import ray.train
+
+    try:
+        return ray.train.get_dataset_shard("eval")
+    except (KeyError, ValueError):
+        return None
+
+
+def _evaluate(shard: Any, task: str, cfg: LoopConfig, engine: Any) -> dict[str, float]:
+    """Loss and accuracy (LMs: perplexity; classifiers: macro precision/recall/F1) on eval data."""
+    if shard is None:
+        return {}
+    gen = torch.Generator().manual_seed(cfg.train.seed)  # the same masks at every evaluation
+    classes = cfg.data_info.num_classes or 1
+    confusion = torch.zeros(classes, classes, dtype=torch.float64)
+    loss_sum = correct = count = 0.0
+    with no_grad_eval(engine):
+        for i, batch in enumerate(
+            shard.iter_torch_batches(
+                batch_size=cfg.train.micro_batch_size, drop_last=True, collate_fn=_collate
+            )
+        ):
+            if cfg.train.eval_batches and i >= cfg.train.eval_batches:
+                break
+            inputs, labels = _prepare(batch, task, cfg, engine, gen)
+            logits = _logits(engine.model(inputs)).float()
+            if task == "causal_lm":
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            flat, target = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+            keep = target != -100
+            loss_sum += F.cross_entropy(flat[keep], target[keep], reduction="sum").item()
+            predicted = flat[keep].argmax(-1)
+            correct += (predicted == target[keep]).sum().item()
+            count += keep.sum().item()
+            if task == "classification":
+                confusion += (
+                    torch.bincount(target * classes + predicted, minlength=classes * classes)
+                    .reshape(classes, classes)
+                    .double()
+                )
+    totals = _all_sum(torch.tensor([loss_sum, correct, count], dtype=torch.float64))
+    loss_sum, correct, count = totals.tolist()
+    if count == 0:
+        return {}
+    out = {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
+    if task == "classification":
+        confusion = _all_sum(confusion)
+        tp = confusion.diag()
+        precision = tp / confusion.sum(0).clamp(min=1)
+        recall = tp / confusion.sum(1).clamp(min=1)
+        f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+        out.update(eval_precision=precision.mean().item(), eval_recall=recall.mean().item(),
+                   eval_f1=f1.mean().item())  # fmt: skip
+    else:
+        out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
+    return out
+
+
+def _collate(batch: dict[str, Any]) -> dict[str, Any]:
+    from orchestrator.data.stream import _to_tensors
+
+    return _to_tensors(batch)
+
+
+def _all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def _batches_hint(cfg: LoopConfig, world: int) -> int:
+    """Micro batches per worker per epoch (equal split, drop_last)."""
+    return (cfg.data["train_rows"] // world) // cfg.train.micro_batch_size
+
+
+def _report(
+    metrics: dict[str, Any],
+    engine: Any,
+    me: Manifest,
+    state: tuple[int, int, int],
+    rank: int,
+    save: bool,
+) -> None:
+    import ray.train
+
+    if not save:
+        ray.train.report(metrics)
+        return
+    step, epoch, consumed = state
+    with tempfile.TemporaryDirectory() as directory:
+        engine.save(directory, rank)
+        if rank == 0:
+            write_manifest(directory, Manifest(step, epoch, consumed, me.world_size, me.zero_stage,
+                                               me.precision, me.model_config_hash, me.versions))  # fmt: skip
+        has_files = any(os.scandir(directory))
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(directory) if has_files else None,
+            checkpoint_dir_name=f"step-{step:08d}",
+        )

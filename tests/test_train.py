@@ -1,0 +1,297 @@
+"""Training on a real local Ray: ZeRO 0-3 on 2 CPU workers, learning, recovery, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import torch
+
+from orchestrator.models import load_exported
+from orchestrator.run import RunError, TrainingFailed, run_workload
+from orchestrator.spec import WorkloadSpec
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data cache for the module, so each source is prepared once."""
+    return tmp_path_factory.mktemp("data-cache")
+
+
+def bert(shared_data: Path, cache: Path, tmp_path: Path, **over: Any) -> WorkloadSpec:
+    spec = {
+        "name": "bert",
+        "model": {"kind": "bert_mlm", "hidden_size": 64, "num_layers": 2, "num_heads": 2,
+                  "max_seq_len": 64, "dropout": 0.0},
+        "data": {"train": str(shared_data / "tinyshakespeare.txt"), "limit": 4000, "seq_len": 32,
+                 "tokenizer": {"vocab_size": 500}, "cache_dir": str(cache)},
+        "train": {"max_steps": 6, "micro_batch_size": 16, "log_every": 2, "eval_batches": 2,
+                  "optimizer": {"lr": 2e-3}, "storage_path": str(tmp_path / "runs")},
+        "scaling": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}},
+        "tracking": {"mlflow": {"enabled": False}},
+    }  # fmt: skip
+    return WorkloadSpec.model_validate(_merge(spec, over))
+
+
+def mnist(shared_data: Path, cache: Path, tmp_path: Path, **over: Any) -> WorkloadSpec:
+    spec = {
+        "name": "mnist",
+        "model": {"kind": "cnn", "channels": [16, 32]},
+        "data": {"train": str(shared_data), "format": "mnist", "eval_fraction": 0.2,
+                 "cache_dir": str(cache)},
+        "train": {"max_steps": 6, "micro_batch_size": 32, "log_every": 2, "eval_batches": 4,
+                  "optimizer": {"lr": 3e-3, "weight_decay": 0.0},
+                  "storage_path": str(tmp_path / "runs")},
+        "scaling": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}},
+        "tracking": {"mlflow": {"enabled": False}},
+    }  # fmt: skip
+    return WorkloadSpec.model_validate(_merge(spec, over))
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        replace = not isinstance(value, dict) or key not in out or "kind" in value
+        out[key] = value if replace else _merge(out[key], value)
+    return out
+
+
+def _steps(history: list[dict[str, Any]]) -> list[int]:
+    return [e["step"] for e in history]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_bert_with_zero_stages(stage: int, shared_data: Path, cache: Path, tmp_path: Path) -> None:
+    spec = bert(shared_data, cache, tmp_path, deepspeed={"zero_stage": stage},
+                train={"precision": "bf16", "global_batch_size": 64})  # fmt: skip
+    result = run_workload(spec)
+    assert _steps(result.history) == [2, 4, 6]
+    final = result.history[-1]
+    assert (
+        final["eval_loss"] > 0 and 0 <= final["eval_accuracy"] <= 1 and final["eval_perplexity"] > 1
+    )
+    assert final["tokens_per_s"] > 0 and final["data_wait_s"] >= 0
+    checkpoint = Path(result.checkpoint)
+    manifest = json.loads((checkpoint / "orch_checkpoint.json").read_text())
+    assert manifest["zero_stage"] == stage and manifest["world_size"] == 2
+    assert manifest["step"] == 6 and manifest["precision"] == "bf16"
+    assert set(manifest["versions"]) >= {"torch", "ray", "deepspeed", "transformers"}
+    # The export is consolidated fp32 (from ZeRO shards too) and loads with plain torch.
+    state = torch.load(Path(result.model_dir) / "state_dict.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+    model = load_exported(result.model_dir)
+    assert sum(p.numel() for p in model.parameters()) > 100_000
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_cnn_with_zero_stages(stage: int, shared_data: Path, cache: Path, tmp_path: Path) -> None:
+    spec = mnist(shared_data, cache, tmp_path, deepspeed={"zero_stage": stage})
+    result = run_workload(spec)
+    final = result.history[-1]
+    assert final["step"] == 6
+    assert {"eval_accuracy", "eval_precision", "eval_recall", "eval_f1"} <= set(final)
+    model = load_exported(result.model_dir)
+    logits = model(torch.zeros(2, 1, 28, 28))
+    assert logits.shape == (2, 10)
+
+
+@pytest.mark.timeout(600)
+def test_cnn_learns_mnist(shared_data: Path, cache: Path, tmp_path: Path) -> None:
+    spec = mnist(
+        shared_data,
+        cache,
+        tmp_path,
+        train={
+            "max_steps": None,
+            "epochs": 2,
+            "micro_batch_size": 64,
+            "log_every": 20,
+            "eval_batches": None,
+            "scheduler": {"name": "cosine", "warmup_steps": 10},
+        },
+    )
+    result = run_workload(spec)
+    final = result.history[-1]
+    assert final["eval_accuracy"] >= 0.90, final
+    assert final["eval_f1"] >= 0.88
+
+
+@pytest.mark.timeout(600)
+def test_bert_loss_falls(shared_data: Path, cache: Path, tmp_path: Path) -> None:
+    spec = bert(
+        shared_data,
+        cache,
+        tmp_path,
+        train={
+            "max_steps": 60,
+            "log_every": 10,
+            "eval_every": 30,
+            "scheduler": {"name": "linear", "warmup_steps": 5},
+        },
+    )
+    result = run_workload(spec)
+    losses = [e["loss"] for e in result.history]
+    assert losses[-1] < losses[0] - 1.0, losses
+    evals = [e["eval_loss"] for e in result.history if "eval_loss" in e]
+    assert evals[-1] < evals[0]
+
+
+@pytest.mark.timeout(600)
+def test_killed_worker_is_recovered_from_last_checkpoint(
+    shared_data: Path, cache: Path, tmp_path: Path
+) -> None:
+    spec = bert(shared_data, cache, tmp_path,
+                train={"max_steps": 24, "log_every": 2, "checkpoint_every": 6},
+                scaling={"max_failures": 1})  # fmt: skip
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            if list((tmp_path / "runs" / "bert").glob("step-00000006")):
+                for proc in psutil.process_iter(["cmdline"]):
+                    if "ray::RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                        proc.send_signal(signal.SIGKILL)
+                        killed.append(proc.pid)
+                        return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint)
+    killer.start()
+    result = run_workload(spec)
+    killer.join()
+    assert killed, "no worker was killed"
+    steps = _steps(result.history)
+    assert steps[-1] == 24
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[restart] > 6, f"resumed from scratch, not from step 6: {steps}"
+    assert json.loads((Path(result.checkpoint) / "orch_checkpoint.json").read_text())["step"] == 24
+
+
+@pytest.mark.timeout(600)
+def test_rerun_resumes_instead_of_starting_over(
+    shared_data: Path, cache: Path, tmp_path: Path
+) -> None:
+    first = run_workload(mnist(shared_data, cache, tmp_path, train={"max_steps": 4}))
+    assert _steps(first.history) == [2, 4]
+    again = run_workload(mnist(shared_data, cache, tmp_path, train={"max_steps": 8}))
+    assert _steps(again.history) == [6, 8]  # continued from step 4
+    finished = run_workload(mnist(shared_data, cache, tmp_path, train={"max_steps": 8}))
+    assert finished.history == []  # nothing left to do; the finished run is kept
+    assert finished.checkpoint == again.checkpoint
+
+
+@pytest.mark.timeout(600)
+def test_interrupted_run_resumes_on_rerun(shared_data: Path, cache: Path, tmp_path: Path) -> None:
+    spec = mnist(shared_data, cache, tmp_path, train={"max_steps": 40, "checkpoint_every": 4})
+    fired = threading.Event()
+
+    def kill_once() -> None:
+        while not fired.is_set():
+            if list((tmp_path / "runs" / "mnist").glob("step-00000004")):
+                for proc in psutil.process_iter(["cmdline"]):
+                    if "ray::RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                        proc.send_signal(signal.SIGKILL)
+                        fired.set()
+                        return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_once, daemon=True)
+    killer.start()
+    with pytest.raises(TrainingFailed):
+        run_workload(spec)  # max_failures 0: the run stops, its checkpoints stay
+    fired.set()
+    assert list((tmp_path / "runs" / "mnist").glob("step-*"))
+    resumed = run_workload(spec)
+    assert resumed.history[0]["step"] > 4
+    assert resumed.history[-1]["step"] == 40
+
+
+@pytest.mark.timeout(600)
+def test_checkpoint_of_another_model_is_refused(
+    shared_data: Path, cache: Path, tmp_path: Path
+) -> None:
+    first = run_workload(mnist(shared_data, cache, tmp_path, train={"max_steps": 2}))
+    other = mnist(shared_data, cache, tmp_path, model={"channels": [8, 16]},
+                  train={"max_steps": 4})  # fmt: skip
+    with pytest.raises(RunError, match="written for another model"):
+        run_workload(other)
+    assert Path(first.checkpoint).is_dir()  # nothing was lost
+    zero = mnist(shared_data, cache, tmp_path, deepspeed={"zero_stage": 2}, train={"max_steps": 4})
+    with pytest.raises(RunError, match="plain DDP .* this run uses DeepSpeed ZeRO-2"):
+        run_workload(zero)
+
+
+def test_missing_custom_model_fails_before_ray(
+    shared_data: Path, cache: Path, tmp_path: Path
+) -> None:
+    spec = mnist(
+        shared_data, cache, tmp_path, model={"kind": "custom", "build": "no_such_pkg.models:build"}
+    )
+    with pytest.raises(RunError, match="cannot import module 'no_such_pkg.models'"):
+        run_workload(spec)
+    spec = mnist(
+        shared_data, cache, tmp_path, model={"kind": "custom", "build": "torch.nn:nothing"}
+    )
+    with pytest.raises(RunError, match="module 'torch.nn' has no function 'nothing'"):
+        run_workload(spec)
+
+
+@pytest.mark.timeout(600)
+def test_custom_model(tmp_path: Path, cache: Path) -> None:
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "cifar"
+    src.mkdir()
+    for name, n in (("data_batch_1", 256), ("test_batch", 64)):
+        batch = {b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
+                 b"labels": list(rng.integers(0, 10, n))}  # fmt: skip
+        (src / name).write_bytes(pickle.dumps(batch))
+    spec = WorkloadSpec.model_validate({
+        "name": "custom",
+        "model": {"kind": "custom", "build": "torchvision.models:resnet18", "args": {"num_classes": 10}},
+        "data": {"train": str(src), "cache_dir": str(cache)},
+        "train": {"max_steps": 2, "micro_batch_size": 8, "storage_path": str(tmp_path / "runs")},
+        "scaling": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}},
+    })  # fmt: skip
+    result = run_workload(spec)
+    assert result.history[-1]["step"] == 2
+    assert "eval_accuracy" in result.history[-1]
+
+
+def test_model_too_large_is_refused(shared_data: Path, cache: Path, tmp_path: Path) -> None:
+    spec = bert(
+        shared_data,
+        cache,
+        tmp_path,
+        model={"hidden_size": 8192, "num_layers": 48, "num_heads": 64, "vocab_size": 50000},
+    )
+    with pytest.raises(
+        RunError, match=r"model: .*M parameters.*needs ~\d+.* GB .*this machine has"
+    ):
+        run_workload(spec)
+
+
+def test_data_cpus_left_for_ray_data(shared_data: Path, cache: Path, tmp_path: Path) -> None:
+    spec = mnist(shared_data, cache, tmp_path, scaling={"resources_per_worker": {"CPU": 1}})
+    with pytest.raises(RunError, match=r"reserve 2 of the cluster's 2 CPUs.*resources_per_worker"):
+        run_workload(spec)
+
+
+def test_label_beyond_model_classes(shared_data: Path, cache: Path, tmp_path: Path) -> None:
+    spec = mnist(shared_data, cache, tmp_path, model={"num_classes": 5})
+    with pytest.raises(RunError, match=r"model.num_classes is 5 but the data has 10 classes"):
+        run_workload(spec)
