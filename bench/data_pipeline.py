@@ -41,6 +41,7 @@ it down afterwards; a Ray started elsewhere is never joined or stopped.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -67,6 +68,9 @@ from orchestrator.data.stream import epoch_batches, mask_tokens, open_splits
 from orchestrator.data.tokenizer import train_tokenizer
 from orchestrator.spec import DataSpec
 
+# `orchestrator.data.prepare` is also the name of the function the package exports
+prepare_module = importlib.import_module("orchestrator.data.prepare")
+
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 RESULTS = REPO / "bench" / "results" / "data_pipeline.json"
@@ -81,8 +85,20 @@ MASK_ID = 4
 MLM_PROBABILITY = 0.15
 SAMPLE_EVERY_S = 0.2
 
-FULL = {"corpus_copies": 6, "rows": 40_000, "repeats": 3, "map_batch_size": 1024}
-QUICK = {"corpus_copies": 1, "rows": 8_000, "repeats": 1, "map_batch_size": 1024}
+FULL = {
+    "corpus_copies": 6,
+    "tokenize_repeats": 2,
+    "rows": 40_000,
+    "repeats": 3,
+    "map_batch_size": 1024,
+}
+QUICK = {
+    "corpus_copies": 1,
+    "tokenize_repeats": 1,
+    "rows": 8_000,
+    "repeats": 1,
+    "map_batch_size": 1024,
+}
 
 
 # --------------------------------------------------------------------------- Ray
@@ -134,17 +150,32 @@ def bench_tokenization(
     def spec(path: Path, run: int) -> DataSpec:  # a fresh cache_dir: really prepare
         return DataSpec(train=str(path), cache_dir=str(work / f"cache-{run}"), seq_len=SEQ_LEN)
 
+    # prepare() looks train_tokenizer up in its module: time each call it makes, too.
+    in_run: list[float] = []
+
+    def timed_training(*args: Any, **kwargs: Any) -> Any:
+        tok, seconds = _timed(lambda: train_tokenizer(*args, **kwargs))
+        in_run.append(seconds)
+        return tok
+
+    source = find_source(str(corpus))
     # Ray is up before prepare(), which reuses it, and a small prepare() first starts Ray
     # Data's workers, so neither Ray's start-up nor the first workers' imports are timed.
     _start_ray()
+    prepare_runs, train_runs = [], []
     try:
         prepare(spec(warmup, -1))
-        prepare_runs = []
+        prepare_module.train_tokenizer = timed_training
+        in_run.clear()
         for run in range(repeats):
             prepared, seconds = _timed(lambda run=run: prepare(spec(corpus, run)))
             prepare_runs.append(seconds)
+            # the same training on the same corpus, on its own, right after
+            texts = _texts(source, "text", spec(corpus, run))
+            tok_spec = spec(corpus, run).tokenizer
+            train_runs.append(_timed(lambda t=texts, k=tok_spec: train_tokenizer(k, t))[1])
+        prepare_module.train_tokenizer = train_tokenizer
         tok_json = (Path(prepared.root) / "tokenizer.json").read_text(encoding="utf-8")
-        source = find_source(str(corpus))
 
         def ray_stage() -> int:
             return sum(len(ids) for ids in _tokenized(source, "text", spec(corpus, 0), tok_json))
@@ -152,16 +183,10 @@ def bench_tokenization(
         stage_runs = [_timed(ray_stage) for _ in range(repeats)]
         stage_tokens, stage_s = stage_runs[0][0], min(t for _, t in stage_runs)
     finally:
+        prepare_module.train_tokenizer = train_tokenizer
         ray.shutdown()
-    prepare_s = min(prepare_runs)
-    train_s = min(
-        _timed(
-            lambda: train_tokenizer(
-                spec(corpus, 0).tokenizer, _texts(source, "text", spec(corpus, 0))
-            )
-        )[1]
-        for _ in range(repeats)
-    )
+    prepare_s, train_s = min(prepare_runs), min(train_runs)
+    in_run_s = min(p - t for p, t in zip(prepare_runs, in_run, strict=True))
     log(f"    prepare {prepare_s:.2f} s, tokenizer training alone {train_s:.2f} s")
 
     tok = Tokenizer.from_str(tok_json)
@@ -182,6 +207,7 @@ def bench_tokenization(
     tokenize_s = prepare_s - train_s
     rates = {
         "prepare_minus_training": tokens / tokenize_s,
+        "prepare_minus_training_in_run": tokens / in_run_s,
         "prepare_ray_data_stage": tokens / stage_s,
         "python_encode_per_line": tokens / loop_s,
         "python_encode_batch": tokens / batch_s,
@@ -193,6 +219,8 @@ def bench_tokenization(
         "corpus_copies": copies,
         "repeats": repeats,
         "prepare_runs_s": [round(x, 3) for x in prepare_runs],
+        "training_alone_runs_s": [round(x, 3) for x in train_runs],
+        "training_in_prepare_runs_s": [round(x, 3) for x in in_run],
         "lines": len(lines),
         "corpus_tokens": tokens,
         "packed_rows": prepared.manifest["splits"]["train"]["rows"]
@@ -200,7 +228,9 @@ def bench_tokenization(
         "seconds": {
             "prepare_total": round(prepare_s, 3),
             "tokenizer_training": round(train_s, 3),
+            "tokenizer_training_in_prepare": round(min(in_run), 3),
             "prepare_minus_training": round(tokenize_s, 3),
+            "prepare_minus_training_in_run": round(in_run_s, 3),
             "prepare_ray_data_stage": round(stage_s, 3),
             "python_encode_per_line": round(loop_s, 3),
             "python_encode_batch": round(batch_s, 3),
@@ -247,15 +277,23 @@ def _disk_mb(prepared: PreparedData) -> float:
 
 # --------------------------------------------------------------------------- 2. memory
 class MemorySampler(threading.Thread):
-    """Sum the RSS of the driver and its "ray::" descendants every `interval` seconds."""
+    """Sum the memory of the driver and its "ray::" descendants every `interval` seconds.
+
+    RSS counts a shared page (torch's libraries, the object store's pages) once in every
+    process that maps it; PSS splits it between them and USS leaves it out, so PSS sums to
+    the physical memory the job holds.
+    """
+
+    METRICS = ("rss", "pss", "uss")
 
     def __init__(self, interval: float = SAMPLE_EVERY_S):
         super().__init__(daemon=True)
         self.interval = interval
         self.driver = psutil.Process()
         self.done = threading.Event()
-        self.peak: dict[str, Any] = {"rss": 0}
-        self.peak_private = 0
+        self.started = time.perf_counter()
+        self.peak: dict[str, Any] = {"rss": 0, "t": 0.0}
+        self.peaks = dict.fromkeys(self.METRICS, 0)
         self.peak_procs = 0
         self.peak_store = 0
         self.spilled = 0
@@ -281,26 +319,33 @@ class MemorySampler(threading.Thread):
         except Exception:  # internal API: optional
             return None
 
-    def sample(self) -> dict[str, Any]:
-        info = self.driver.memory_info()
-        rss, private = info.rss, info.rss - info.shared
-        roles: dict[str, int] = {"driver": info.rss}
-        procs = 0
+    def _job_processes(self) -> list[tuple[str, psutil.Process]]:
+        found = [("driver", self.driver)]
         for proc in self.driver.children(recursive=True):
             try:
                 cmd = proc.cmdline()
                 name = cmd[0] if cmd and cmd[0].startswith("ray::") else proc.name()
-                if not name.startswith("ray::"):
-                    continue  # raylet, gcs_server: Ray itself, not the job
-                mem = proc.memory_info()
             except psutil.Error:
                 continue
-            role = name[5:].split(".")[0].split(" ")[0]
+            if name.startswith("ray::"):  # not raylet or gcs_server: Ray itself, not the job
+                found.append((name[5:].split(".")[0].split(" ")[0], proc))
+        return found
+
+    def sample(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict.fromkeys(self.METRICS, 0)
+        roles: dict[str, int] = {}
+        procs = 0
+        for role, proc in self._job_processes():
+            try:
+                mem = proc.memory_full_info()
+            except psutil.Error:
+                continue
+            for metric in self.METRICS:
+                out[metric] += getattr(mem, metric)
             roles[role] = roles.get(role, 0) + mem.rss
-            rss += mem.rss
-            private += mem.rss - mem.shared
-            procs += 1
-        return {"rss": rss, "private": private, "procs": procs, "roles": roles}
+            procs += role != "driver"
+        out.update(procs=procs, roles=roles, t=time.perf_counter() - self.started)
+        return out
 
     def run(self) -> None:
         tick = 0
@@ -309,7 +354,8 @@ class MemorySampler(threading.Thread):
             self.samples += 1
             if s["rss"] > self.peak["rss"]:
                 self.peak = s
-            self.peak_private = max(self.peak_private, s["private"])
+            for metric in self.METRICS:
+                self.peaks[metric] = max(self.peaks[metric], s[metric])
             self.peak_procs = max(self.peak_procs, s["procs"])
             for role, value in s["roles"].items():
                 self.role_peak[role] = max(self.role_peak.get(role, 0), value)
@@ -342,6 +388,14 @@ def _train_loop(config: dict[str, Any]) -> dict[str, Any]:
         acc += float(ids[:, 1:9].float().mean())  # a trivial amount of work per batch
         rows += ids.shape[0]
     return {"rows": rows, "seconds": time.perf_counter() - started, "acc": acc}
+
+
+def _mb(n: float) -> int:
+    return round(n / 2**20)
+
+
+def _by_size(mapping: dict[str, int]) -> dict[str, int]:
+    return {k: _mb(v) for k, v in sorted(mapping.items(), key=lambda kv: -kv[1])}
 
 
 def measure_streaming(prepared: PreparedData, work: Path, label: str) -> dict[str, Any]:
@@ -379,20 +433,17 @@ def measure_streaming(prepared: PreparedData, work: Path, label: str) -> dict[st
         "rank0_rows": rank0["rows"],
         "rank0_rows_per_s": round(rank0["rows"] / rank0["seconds"]),
         "samples": sampler.samples,
-        "idle_rss_mb": round(idle["rss"] / 2**20),
-        "peak_rss_mb": round(peak["rss"] / 2**20),
-        "peak_private_mb": round(sampler.peak_private / 2**20),
+        "idle_rss_mb": _mb(idle["rss"]),
+        "idle_pss_mb": _mb(idle["pss"]),
+        "peak_rss_mb": _mb(sampler.peaks["rss"]),
+        "peak_pss_mb": _mb(sampler.peaks["pss"]),
+        "peak_uss_mb": _mb(sampler.peaks["uss"]),
+        "peak_rss_at_s": round(peak["t"], 1),
         "peak_ray_processes": sampler.peak_procs,
         "processes_at_peak": peak["procs"],
-        "roles_at_peak_mb": {
-            k: round(v / 2**20) for k, v in sorted(peak["roles"].items(), key=lambda kv: -kv[1])
-        },
-        "role_peaks_mb": {
-            k: round(v / 2**20) for k, v in sorted(sampler.role_peak.items(), key=lambda kv: -kv[1])
-        },
-        "peak_object_store_mb": round(sampler.peak_store / 2**20, 1)
-        if sampler.store_readable
-        else None,
+        "roles_at_rss_peak_mb": _by_size(peak["roles"]),
+        "role_rss_peaks_mb": _by_size(sampler.role_peak),
+        "peak_object_store_mb": _mb(sampler.peak_store) if sampler.store_readable else None,
         "spilled_mb": round(sampler.spilled / 2**20, 1),
     }
 
@@ -409,14 +460,28 @@ def bench_streaming(
             f"({r['peak_ray_processes']} ray:: processes), fit {r['fit_s']} s"
         )
     one, ten = runs["1x"], runs["10x"]
+
+    def ratio(key: str) -> float | None:
+        return round(ten[key] / one[key], 3) if one[key] and ten[key] is not None else None
+
     return {
         "runs": runs,
-        "peak_rss_ratio": round(ten["peak_rss_mb"] / one["peak_rss_mb"], 3),
-        "peak_private_ratio": round(ten["peak_private_mb"] / one["peak_private_mb"], 3),
-        "peak_above_idle_ratio": round(
-            (ten["peak_rss_mb"] - ten["idle_rss_mb"]) / (one["peak_rss_mb"] - one["idle_rss_mb"]),
-            3,
-        ),
+        "ratios_10x_to_1x": {
+            "peak_rss": ratio("peak_rss_mb"),
+            "peak_pss": ratio("peak_pss_mb"),
+            "peak_uss": ratio("peak_uss_mb"),
+            "peak_rss_above_idle": round(
+                (ten["peak_rss_mb"] - ten["idle_rss_mb"])
+                / max(1, one["peak_rss_mb"] - one["idle_rss_mb"]),
+                3,
+            ),
+            "peak_object_store": ratio("peak_object_store_mb"),
+            "role_peak_rss": {
+                role: round(mb / one["role_rss_peaks_mb"][role], 2)
+                for role, mb in ten["role_rss_peaks_mb"].items()
+                if one["role_rss_peaks_mb"].get(role)
+            },
+        },
         "target_ratio_max": 1.2,
     }
 
@@ -485,9 +550,10 @@ def bench_masking(
     _start_ray()
     try:
         _consume(open_splits(prepared, seed=0)["train"], False)  # warm-up: workers, page cache
-        for _ in range(repeats):
-            for name, make in variants.items():
-                ds, in_loop = make()
+        names = list(variants)
+        for rep in range(repeats):
+            for name in names[rep % 3 :] + names[: rep % 3]:  # rotate the order: less drift
+                ds, in_loop = variants[name]()
                 rows[name], seconds, masked = _consume(ds, in_loop)
                 times[name].append(seconds)
                 if in_loop:
@@ -520,12 +586,17 @@ def report(results: dict[str, Any]) -> str:
         f"{results['total_s']:.0f} s)",
         "",
         f"1. Tokenization: {t['corpus_mb']} MB ({t['lines']} lines, {t['corpus_tokens']} tokens)",
-        f"   prepare() {t['seconds']['prepare_total']} s minus tokenizer training "
-        f"{t['seconds']['tokenizer_training']} s (timed separately with train_tokenizer)",
-        "   = tokenize with Ray Data + pack on the driver + write shards",
+        f"   prepare() {t['seconds']['prepare_total']} s minus tokenizer training: "
+        f"{t['seconds']['tokenizer_training']} s timed alone with train_tokenizer() on the "
+        "same corpus,",
+        f"   or {t['seconds']['tokenizer_training_in_prepare']} s timed around the call inside "
+        "prepare(); what is left is tokenizing with Ray Data,",
+        "   packing on the driver and writing the shards (best of "
+        f"{t['repeats']}, fresh cache_dir each)",
     ]
     names = {
-        "prepare_minus_training": "prepare (minus tokenizer training)",
+        "prepare_minus_training": "prepare minus training (timed alone)",
+        "prepare_minus_training_in_run": "prepare minus training (timed in prepare)",
         "prepare_ray_data_stage": "prepare's Ray Data tokenize stage only",
         "python_encode_per_line": "tok.encode(line) per line",
         "python_encode_batch": "tok.encode_batch(lines)",
@@ -536,24 +607,30 @@ def report(results: dict[str, Any]) -> str:
             f"   {label:<40} {t['tokens_per_s'][key]:>10,} tokens/s  "
             f"x{t['ratio_to_prepare'][key]:.2f} vs prepare"
         )
-    out += ["", "2. Streaming peak memory (driver + ray:: processes, RSS sampled every 0.2 s)"]
+    out += [
+        "",
+        "2. Streaming peak memory: driver + its ray:: processes, sampled every "
+        f"{SAMPLE_EVERY_S} s during TorchTrainer.fit (MB)",
+    ]
     for label, r in s["runs"].items():
         store = r["peak_object_store_mb"]
-        out.append(
-            f"   {label:>3}: {r['rows']:>7} rows ({r['decoded_mb']} MB decoded, "
-            f"{r['disk_mb']} MB on disk, {r['shards']} shards): peak {r['peak_rss_mb']} MB RSS, "
-            f"{r['peak_private_mb']} MB RSS-shared, idle {r['idle_rss_mb']} MB, "
-            f"{r['peak_ray_processes']} ray:: procs, object store "
-            f"{store if store is not None else 'n/a'} MB, fit {r['fit_s']} s, "
-            f"{r['rank0_rows_per_s']} rows/s/worker"
-        )
-        top = ", ".join(f"{k} {v}" for k, v in list(r["roles_at_peak_mb"].items())[:6])
-        out.append(f"        at the peak: {top} (MB)")
-    verdict = "OK" if s["peak_rss_ratio"] <= s["target_ratio_max"] else "ABOVE TARGET"
+        out += [
+            f"   {label:>3}: {r['rows']} rows ({r['decoded_mb']} MB decoded, {r['disk_mb']} MB on "
+            f"disk, {r['shards']} shards), fit {r['fit_s']} s, {r['rank0_rows_per_s']} rows/s "
+            "per worker",
+            f"        peak RSS {r['peak_rss_mb']} (at {r['peak_rss_at_s']} s, "
+            f"{r['processes_at_peak']} ray:: procs; idle {r['idle_rss_mb']}), "
+            f"PSS {r['peak_pss_mb']} (idle {r['idle_pss_mb']}), USS {r['peak_uss_mb']}, "
+            f"object store {store if store is not None else 'n/a'}",
+            "        largest per-role RSS peaks: "
+            + ", ".join(f"{k} {v}" for k, v in list(r["role_rss_peaks_mb"].items())[:6]),
+        ]
+    q = s["ratios_10x_to_1x"]
+    verdict = "OK" if q["peak_rss"] <= s["target_ratio_max"] else "ABOVE TARGET"
     out.append(
-        f"   10x/1x peak RSS x{s['peak_rss_ratio']} (target <= x{s['target_ratio_max']}: "
-        f"{verdict}); RSS-shared x{s['peak_private_ratio']}; "
-        f"above idle x{s['peak_above_idle_ratio']}"
+        f"   10x/1x: peak RSS x{q['peak_rss']} (target <= x{s['target_ratio_max']}: {verdict}), "
+        f"PSS x{q['peak_pss']}, USS x{q['peak_uss']}, RSS above idle "
+        f"x{q['peak_rss_above_idle']}, object store x{q['peak_object_store']}"
     )
     out += [
         "",
@@ -601,7 +678,7 @@ def main() -> None:
         results["streaming"] = bench_streaming(small, large, work, log)
         results["masking"] = bench_masking(small, cfg["repeats"], cfg["map_batch_size"], log)
         results["tokenization"] = bench_tokenization(
-            work / "tok", cfg["corpus_copies"], max(2, cfg["repeats"] - 1), log
+            work / "tok", cfg["corpus_copies"], cfg["tokenize_repeats"], log
         )
     results["total_s"] = round(time.perf_counter() - started, 1)
     text = report(results)

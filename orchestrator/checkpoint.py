@@ -42,8 +42,8 @@ class Manifest:
         fresh = "start a fresh run with another name (--name) or remove that run's directory"
         if self.model_config_hash != other.model_config_hash:
             raise CheckpointMismatch(
-                f"{where} was written for another model or dataset (config {self.model_config_hash}, "
-                f"this run {other.model_config_hash}); {fresh}"
+                f"{where} was written for another model or dataset "
+                f"(config {self.model_config_hash}, this run {other.model_config_hash}); {fresh}"
             )
         if self.zero_stage != other.zero_stage:
             raise CheckpointMismatch(
@@ -53,8 +53,9 @@ class Manifest:
         sharded = self.zero_stage is not None and self.zero_stage > 0
         if sharded and self.world_size != other.world_size:
             raise CheckpointMismatch(
-                f"{where} holds ZeRO-{self.zero_stage} shards of {self.world_size} workers, this run "
-                f"has {other.world_size}; use scaling.num_workers={self.world_size} or {fresh}"
+                f"{where} holds ZeRO-{self.zero_stage} shards of {self.world_size} workers, "
+                f"this run has {other.world_size}; use scaling.num_workers={self.world_size} "
+                f"or {fresh}"
             )
         if self.zero_stage is not None and self.precision != other.precision:
             raise CheckpointMismatch(
@@ -97,6 +98,9 @@ def export_model(checkpoint_dir: str, out_dir: str, meta: dict[str, Any]) -> str
     manifest = read_manifest(checkpoint_dir)
     if manifest.zero_stage is None:
         state = torch.load(os.path.join(checkpoint_dir, "state.pt"), map_location="cpu")["model"]
+    elif manifest.zero_stage == 0:  # nothing is partitioned: the module states are whole
+        path = os.path.join(checkpoint_dir, DS_TAG, "mp_rank_00_model_states.pt")
+        state = torch.load(path, map_location="cpu", weights_only=False)["module"]
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -145,9 +145,13 @@ def run(
     progress = _Progress()
     try:
         result = run_workload(
-            spec, address=address, name=name, verbose=verbose, log=progress.note,
+            spec,
+            address=address,
+            name=name,
+            verbose=verbose,
+            log=progress.note,
             on_progress=progress.show,
-        )  # fmt: skip
+        )
     except RunError as error:
         progress.end()
         typer.secho(f"error: {file}: {error}", fg="red", err=True)

@@ -124,8 +124,11 @@ def _from_pretrained(cls: Any, path: str) -> nn.Module:
 def _resnet(spec: ResNetModel, data: DataInfo) -> nn.Module:
     import torchvision
 
-    build = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34,
-             50: torchvision.models.resnet50}[spec.depth]  # fmt: skip
+    build = {
+        18: torchvision.models.resnet18,
+        34: torchvision.models.resnet34,
+        50: torchvision.models.resnet50,
+    }[spec.depth]
     model = build(weights=None, num_classes=spec.num_classes)
     if spec.in_channels != 3:
         model.conv1 = nn.Conv2d(
@@ -227,7 +230,7 @@ def config_hash(spec: Any, data: DataInfo) -> str:
 
 
 def load_exported(directory: str | Path) -> nn.Module:
-    """Load a model orch exported (model.json + state_dict.pt) with plain torch: no Ray, no DeepSpeed."""
+    """Load an exported model (model.json, state_dict.pt) with plain torch: no Ray or DeepSpeed."""
     directory = Path(directory)
     meta = json.loads((directory / "model.json").read_text())
     model = build_model(meta["model"], DataInfo(**meta["data"]))

@@ -81,7 +81,8 @@ def check_memory(
         )
         raise PlanError(
             f"model: {estimate.describe()} ({_zero(ds)}, {train.precision}) needs "
-            f"~{needed / GB:.1f} GB for model states, but {where} has {available_bytes / GB:.1f} GB; "
+            f"~{needed / GB:.1f} GB for model states, but {where} has "
+            f"{available_bytes / GB:.1f} GB; "
             f"{hint}"
         )
     return estimate
@@ -98,7 +99,8 @@ def check_data_cpus(scaling: ScalingSpec, cluster_cpus: float) -> None:
     if cluster_cpus - reserved < 0.5:
         fit = max(0.0, (cluster_cpus - 1) / scaling.num_workers)
         raise PlanError(
-            f"scaling: {scaling.num_workers} workers x {per_worker:g} CPU reserve {reserved:g} of the "
-            f"cluster's {cluster_cpus:g} CPUs, leaving Ray Data none to stream batches (the run would "
-            f"hang); set scaling.resources_per_worker.CPU to {fit:.2g} or less, or use fewer workers"
+            f"scaling: {scaling.num_workers} workers x {per_worker:g} CPU reserve {reserved:g} of "
+            f"the cluster's {cluster_cpus:g} CPUs, leaving Ray Data none to stream batches (the "
+            f"run would hang); set scaling.resources_per_worker.CPU to {fit:.2g} or less, "
+            "or use fewer workers"
         )

@@ -101,8 +101,15 @@ def _check_plan(spec: WorkloadSpec, info: DataInfo) -> None:
     if address_is_local():
         check_data_cpus(spec.scaling, ray.cluster_resources().get("CPU", 0))
         if not spec.scaling.use_gpu:
-            check_memory(spec.model, info, spec.train, spec.deepspeed, spec.scaling,
-                         psutil.virtual_memory().available, "this machine")  # fmt: skip
+            check_memory(
+                spec.model,
+                info,
+                spec.train,
+                spec.deepspeed,
+                spec.scaling,
+                psutil.virtual_memory().available,
+                "this machine",
+            )
 
 
 def address_is_local() -> bool:
@@ -180,9 +187,12 @@ def _fit(
             model_dir = export_model(
                 directory,
                 os.path.join(_local_dir(result.path), "model"),
-                {"model": loop_config["model"], "data": loop_config["data_info"],
-                 "task": spec.model.kind},
-            )  # fmt: skip
+                {
+                    "model": loop_config["model"],
+                    "data": loop_config["data_info"],
+                    "task": spec.model.kind,
+                },
+            )
     return RunResult(
         name=name,
         path=result.path,

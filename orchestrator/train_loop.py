@@ -52,7 +52,7 @@ class LoopConfig:
 
 
 def steps_per_epoch(train_rows: int, train: TrainSpec, world: int) -> int:
-    """Optimizer steps in one epoch: rows split equally, whole micro batches, whole accumulations."""
+    """Optimizer steps per epoch: rows split equally, whole micro batches and accumulations."""
     micro_batches = (train_rows // world) // train.micro_batch_size
     return micro_batches // accumulation_steps(train, world)
 
@@ -72,14 +72,23 @@ def train_loop(raw_config: dict[str, Any]) -> None:
     if per_epoch == 0:
         raise ValueError(
             f"the training split ({cfg.data['train_rows']} rows) is smaller than one global batch "
-            f"({train.micro_batch_size} x {world} workers x {accum}); use more data or smaller batches"
+            f"({train.micro_batch_size} x {world} workers x {accum}); "
+            "use more data or smaller batches"
         )
     total = train.max_steps or per_epoch * train.epochs
     epochs = math.ceil(total / per_epoch)
     engine = make_engine(model, train, cfg.deepspeed, world, accum, total)
     task = task_of(cfg.model)
-    me = Manifest(0, 0, 0, world, cfg.deepspeed.zero_stage if cfg.deepspeed else None,
-                  train.precision, cfg.model_config_hash, library_versions())  # fmt: skip
+    me = Manifest(
+        0,
+        0,
+        0,
+        world,
+        cfg.deepspeed.zero_stage if cfg.deepspeed else None,
+        train.precision,
+        cfg.model_config_hash,
+        library_versions(),
+    )
 
     step, start_epoch, skip = 0, 0, 0
     checkpoint = ray.train.get_checkpoint()
@@ -98,8 +107,9 @@ def train_loop(raw_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, epochs):
         if step >= total:
             break
-        batches = epoch_batches(train_shard, train.micro_batch_size, train.seed, epoch,
-                                cfg.data["shuffle_buffer"])  # fmt: skip
+        batches = epoch_batches(
+            train_shard, train.micro_batch_size, train.seed, epoch, cfg.data["shuffle_buffer"]
+        )
         consumed = 0
         wait_started = time.perf_counter()
         for batch in batches:
@@ -192,18 +202,26 @@ def _prepare(
             if i is not None
         ]
         inputs, labels = mask_tokens(
-            batch["input_ids"].long(), mask_id=tok["mask_id"], vocab_size=tok["vocab_size"],
-            special_ids=specials, probability=cfg.data["mlm_probability"], generator=gen,
-        )  # fmt: skip
+            batch["input_ids"].long(),
+            mask_id=tok["mask_id"],
+            vocab_size=tok["vocab_size"],
+            special_ids=specials,
+            probability=cfg.data["mlm_probability"],
+            generator=gen,
+        )
     elif task == "causal_lm":
         inputs = labels = batch["input_ids"].long()
     else:
         image = cfg.data["image"]
         inputs = decode_images(
-            batch["image"], encoding=image["encoding"], shape=image["shape"],
-            size=getattr(cfg.model, "image_size", 28), channels=cfg.data_info.channels or 1,
-            augment=cfg.data["augment"], generator=gen,
-        ).to(engine.input_dtype)  # fmt: skip
+            batch["image"],
+            encoding=image["encoding"],
+            shape=image["shape"],
+            size=getattr(cfg.model, "image_size", 28),
+            channels=cfg.data_info.channels or 1,
+            augment=cfg.data["augment"],
+            generator=gen,
+        ).to(engine.input_dtype)
         labels = batch["label"].long()
     return inputs.to(engine.device), labels.to(engine.device)
 
@@ -273,8 +291,11 @@ def _evaluate(shard: Any, task: str, cfg: LoopConfig, engine: Any) -> dict[str, 
         precision = tp / confusion.sum(0).clamp(min=1)
         recall = tp / confusion.sum(1).clamp(min=1)
         f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-        out.update(eval_precision=precision.mean().item(), eval_recall=recall.mean().item(),
-                   eval_f1=f1.mean().item())  # fmt: skip
+        out.update(
+            eval_precision=precision.mean().item(),
+            eval_recall=recall.mean().item(),
+            eval_f1=f1.mean().item(),
+        )
     else:
         out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
     return out
@@ -315,8 +336,17 @@ def _report(
     with tempfile.TemporaryDirectory() as directory:
         engine.save(directory, rank)
         if rank == 0:
-            write_manifest(directory, Manifest(step, epoch, consumed, me.world_size, me.zero_stage,
-                                               me.precision, me.model_config_hash, me.versions))  # fmt: skip
+            here = Manifest(
+                step,
+                epoch,
+                consumed,
+                me.world_size,
+                me.zero_stage,
+                me.precision,
+                me.model_config_hash,
+                me.versions,
+            )
+            write_manifest(directory, here)
         has_files = any(os.scandir(directory))
         ray.train.report(
             metrics,

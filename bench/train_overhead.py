@@ -1,0 +1,215 @@
+"""orch's training overhead against a plain PyTorch loop, and the time to the first step.
+
+Measured side by side in one run (this machine is noisy: compare the ratios):
+
+1. Throughput: `orch run` of a tiny BERT masked-LM (2 CPU workers, plain DDP, fp32) against a
+   plain `torch.distributed` (gloo) DDP loop in 2 processes with the same model, batch, precision,
+   optimizer and masking, on the same token sequences held in memory. Steady state only: the
+   first report window (start-up, compilation of kernels) is left out on both sides.
+2. Data wait: the share of orch's step time spent waiting for the next batch (Ray Data stream).
+3. Start-up: wall time from launching `orch run` to its first reported training step, with the
+   prepared data already cached (the usual case) and from a cold cache.
+
+Run from the repository root: `python bench/train_overhead.py [--steps N]`. Prints a report and
+writes bench/results/train_overhead.json. Needs ../shared/data/tinyshakespeare.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+MICRO, SEQ, WORKERS = 16, 64, 2
+MODEL = {
+    "kind": "bert_mlm",
+    "hidden_size": 128,
+    "num_layers": 2,
+    "num_heads": 2,
+    "max_seq_len": 128,
+    "dropout": 0.0,
+}
+
+
+def workload(tmp: Path, steps: int) -> dict:
+    return {
+        "name": "bench-bert",
+        "model": MODEL,
+        "data": {
+            "train": str(CORPUS),
+            "seq_len": SEQ,
+            "tokenizer": {"vocab_size": 4000},
+            "cache_dir": str(tmp / "cache"),
+            "eval_fraction": 0.02,
+        },
+        "train": {
+            "max_steps": steps,
+            "micro_batch_size": MICRO,
+            "log_every": 10,
+            "optimizer": {"lr": 1e-3},
+            "storage_path": str(tmp / "runs"),
+        },
+        "scaling": {"num_workers": WORKERS, "resources_per_worker": {"CPU": 0.5}},
+        "tracking": {"mlflow": {"enabled": False}},
+    }
+
+
+def run_orch(tmp: Path, steps: int, name: str) -> dict:
+    """Run orch in-process on a fresh local Ray; return its reports."""
+    import ray
+
+    from orchestrator.run import run_workload
+    from orchestrator.spec import WorkloadSpec
+
+    spec = WorkloadSpec.model_validate(workload(tmp, steps))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        result = run_workload(spec, name=name)
+    finally:
+        ray.shutdown()
+    steady = result.history[1:]  # the first window holds start-up
+    return {
+        "samples_per_s": sum(e["samples_per_s"] for e in steady) / len(steady),
+        "step_time_s": sum(e["step_time_s"] for e in steady) / len(steady),
+        "data_wait_share": sum(e["data_wait_share"] for e in steady) / len(steady),
+        "root": str(Path(result.path)),
+    }
+
+
+def _baseline_worker(rank: int, path: str, steps: int, port: int, out: str) -> None:
+    """One rank of the plain-PyTorch baseline: DDP over gloo, data in memory."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch.distributed as dist
+
+    from orchestrator.data.stream import mask_tokens
+    from orchestrator.distributed import lr_lambda, make_optimizer
+    from orchestrator.models import DataInfo, build_model
+    from orchestrator.spec import OptimizerSpec, SchedulerSpec
+
+    torch.set_num_threads(1)  # what Ray gives a worker with half a CPU (OMP_NUM_THREADS=1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORKERS)
+    manifest = json.loads(Path(path, "manifest.json").read_text())
+    tok = manifest["tokenizer"]
+    files = [f"{path}/{s}" for s in manifest["splits"]["train"]["shards"]]
+    column = pq.read_table(files, columns=["input_ids"])["input_ids"]
+    ids = torch.from_numpy(np.stack(column.to_numpy(zero_copy_only=False))).long()[rank::WORKERS]
+    torch.manual_seed(42)
+    model = torch.nn.parallel.DistributedDataParallel(
+        build_model(MODEL, DataInfo(vocab_size=tok["vocab_size"]))
+    )
+    optimizer = make_optimizer(OptimizerSpec(lr=1e-3), model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(SchedulerSpec(), steps))
+    gen = torch.Generator().manual_seed(rank)
+    specials = [tok["pad_id"], tok["sep_id"], tok["cls_id"], tok["mask_id"]]
+    times = []
+    for step in range(steps):
+        start = time.perf_counter()
+        batch = ids[(step * MICRO) % (len(ids) - MICRO) :][:MICRO]
+        inputs, labels = mask_tokens(
+            batch,
+            mask_id=tok["mask_id"],
+            vocab_size=tok["vocab_size"],
+            special_ids=specials,
+            probability=0.15,
+            generator=gen,
+        )
+        logits = model(inputs).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    dist.destroy_process_group()
+    if rank == 0:
+        steady = times[10:]
+        Path(out).write_text(json.dumps({"step_time_s": sum(steady) / len(steady)}))
+
+
+def run_baseline(prepared_root: str, steps: int, tmp: Path) -> dict:
+    out = tmp / "baseline.json"
+    torch.multiprocessing.spawn(
+        _baseline_worker, args=(prepared_root, steps, 29571, str(out)), nprocs=WORKERS
+    )
+    step_time = json.loads(out.read_text())["step_time_s"]
+    return {"step_time_s": step_time, "samples_per_s": MICRO * WORKERS / step_time}
+
+
+def time_to_first_step(tmp: Path, cold: bool) -> float:
+    """Seconds from launching `orch run` to its first reported step."""
+    spec = workload(tmp, 3)
+    spec["train"]["log_every"] = 1
+    if cold:
+        spec["data"]["cache_dir"] = str(tmp / f"cold-{time.time_ns()}")
+    path = tmp / "first.yaml"
+    path.write_text(json.dumps(spec))
+    name = f"first-{time.time_ns()}"
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", str(path), "--name", name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp,
+    )
+    first = None
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if first is None and re.match(r"step 1/", line.strip()):
+            first = time.monotonic() - started
+    proc.wait()
+    if first is None:
+        raise RuntimeError("orch run reported no step")
+    return first
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=80)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="orch-bench-"))
+    try:
+        orch = run_orch(tmp, args.steps, "throughput")
+        prepared = next((tmp / "cache").iterdir())
+        baseline = run_baseline(str(prepared), args.steps, tmp)
+        warm = time_to_first_step(tmp, cold=False)
+        cold = time_to_first_step(tmp, cold=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report = {
+        "setup": f"tiny BERT {MODEL['num_layers']}x{MODEL['hidden_size']}, micro batch {MICRO} x "
+        f"seq {SEQ}, {WORKERS} CPU workers, DDP fp32, {args.steps} steps",
+        "orch_samples_per_s": round(orch["samples_per_s"], 1),
+        "baseline_samples_per_s": round(baseline["samples_per_s"], 1),
+        "throughput_ratio_orch_to_baseline": round(
+            orch["samples_per_s"] / baseline["samples_per_s"], 3
+        ),
+        "orch_data_wait_share": round(orch["data_wait_share"], 4),
+        "first_step_s_cached_data": round(warm, 1),
+        "first_step_s_cold_cache": round(cold, 1),
+    }
+    out = ROOT / "bench" / "results" / "train_overhead.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    for key, value in report.items():
+        print(f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    main()
