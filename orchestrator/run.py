@@ -15,11 +15,12 @@ import psutil
 
 from orchestrator.checkpoint import CheckpointMismatch, export_model
 from orchestrator.data import PreparedData, open_splits, prepare
+from orchestrator.distributed import accumulation_steps
 from orchestrator.models import DataInfo, ModelError, config_hash, resolve_custom
 from orchestrator.plan import PlanError, check_data_cpus, check_memory
 from orchestrator.ray_session import ray_session
 from orchestrator.spec import WorkloadSpec
-from orchestrator.train_loop import train_loop
+from orchestrator.train_loop import steps_per_epoch, train_loop
 
 __all__ = ["RunError", "RunResult", "TrainingFailed", "run_workload"]
 
@@ -147,6 +148,14 @@ def _fit(
     }
     if spec.model.kind == "bert_mlm" and not (data["tokenizer"] or {}).get("mask_id"):
         raise RunError("data: bert_mlm needs a tokenizer with a [MASK] token (use kind wordpiece)")
+    workers = spec.scaling.num_workers
+    accum = accumulation_steps(spec.train, workers)
+    if steps_per_epoch(data["train_rows"], spec.train, workers) == 0:
+        raise RunError(
+            f"data: the training split ({data['train_rows']} rows) is smaller than one global "
+            f"batch ({spec.train.micro_batch_size} x {workers} workers x {accum} accumulation); "
+            "use more data or smaller batches"
+        )
     loop_config = {
         "model": spec.model.model_dump(mode="json"),
         "train": spec.train.model_dump(mode="json"),

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pydantic import TypeAdapter
 
 from orchestrator.checkpoint import Manifest, library_versions, read_manifest, write_manifest
-from orchestrator.data.stream import decode_images, epoch_batches, mask_tokens
+from orchestrator.data.stream import decode_images, epoch_batches, eval_batches, mask_tokens
 from orchestrator.distributed import accumulation_steps, make_engine, no_grad_eval
 from orchestrator.models import DataInfo, build_model, task_of
 from orchestrator.spec import DeepSpeedSpec, ModelSpec, TrainSpec
@@ -68,13 +68,7 @@ def train_loop(raw_config: dict[str, Any]) -> None:
     torch.manual_seed(train.seed)  # the same initial weights on every rank
     model = build_model(cfg.model, cfg.data_info)
     accum = accumulation_steps(train, world)
-    per_epoch = steps_per_epoch(cfg.data["train_rows"], train, world)
-    if per_epoch == 0:
-        raise ValueError(
-            f"the training split ({cfg.data['train_rows']} rows) is smaller than one global batch "
-            f"({train.micro_batch_size} x {world} workers x {accum}); "
-            "use more data or smaller batches"
-        )
+    per_epoch = steps_per_epoch(cfg.data["train_rows"], train, world)  # > 0: checked by run.py
     total = train.max_steps or per_epoch * train.epochs
     epochs = math.ceil(total / per_epoch)
     engine = make_engine(model, train, cfg.deepspeed, world, accum, total)
@@ -257,11 +251,7 @@ def _evaluate(shard: Any, task: str, cfg: LoopConfig, engine: Any) -> dict[str, 
     confusion = torch.zeros(classes, classes, dtype=torch.float64)
     loss_sum = correct = count = 0.0
     with no_grad_eval(engine):
-        for i, batch in enumerate(
-            shard.iter_torch_batches(
-                batch_size=cfg.train.micro_batch_size, drop_last=True, collate_fn=_collate
-            )
-        ):
+        for i, batch in enumerate(eval_batches(shard, cfg.train.micro_batch_size)):
             if cfg.train.eval_batches and i >= cfg.train.eval_batches:
                 break
             inputs, labels = _prepare(batch, task, cfg, engine, gen)
@@ -299,12 +289,6 @@ def _evaluate(shard: Any, task: str, cfg: LoopConfig, engine: Any) -> dict[str, 
     else:
         out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
     return out
-
-
-def _collate(batch: dict[str, Any]) -> dict[str, Any]:
-    from orchestrator.data.stream import _to_tensors
-
-    return _to_tensors(batch)
 
 
 def _all_sum(tensor: torch.Tensor) -> torch.Tensor:

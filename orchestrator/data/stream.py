@@ -25,7 +25,14 @@ import torch
 from orchestrator.data.prepare import PreparedData, image_schema
 from orchestrator.data.sources import DataError
 
-__all__ = ["check_shards", "decode_images", "epoch_batches", "mask_tokens", "open_splits"]
+__all__ = [
+    "check_shards",
+    "decode_images",
+    "epoch_batches",
+    "eval_batches",
+    "mask_tokens",
+    "open_splits",
+]
 
 
 def open_splits(prepared: PreparedData, seed: int, shuffle: bool = True) -> dict[str, Any]:
@@ -90,6 +97,13 @@ def epoch_batches(
         local_shuffle_buffer_size=shuffle_buffer or None,
         local_shuffle_seed=seed + epoch if shuffle_buffer else None,
         collate_fn=_to_tensors,
+    )
+
+
+def eval_batches(shard: Any, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """A worker's eval shard in stored order, whole batches only (equal on every worker)."""
+    yield from shard.iter_torch_batches(
+        batch_size=batch_size, drop_last=True, collate_fn=_to_tensors
     )
 
 
