@@ -341,3 +341,11 @@ def test_label_beyond_model_classes(shared_data: Path, cache: Path, tmp_path: Pa
     spec = mnist(shared_data, cache, tmp_path, model={"num_classes": 5})
     with pytest.raises(RunError, match=r"model.num_classes is 5 but the data has 10 classes"):
         run_workload(spec)
+
+
+def test_training_split_smaller_than_a_batch(
+    shared_data: Path, cache: Path, tmp_path: Path
+) -> None:
+    spec = mnist(shared_data, cache, tmp_path, data={"limit": 100}, train={"micro_batch_size": 64})
+    with pytest.raises(RunError, match=r"training split \(\d+ rows\) is smaller than one global"):
+        run_workload(spec)
