@@ -194,7 +194,10 @@ def _load_state(model: nn.Module, path: str | None) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError) as exc:
         raise ModelError(f"model.pretrained: cannot load {path}: {exc}") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ModelError(f"model.pretrained: {path} does not fit the model: {exc}") from None
     if missing or unexpected:
         raise ModelError(
             f"model.pretrained: {path} does not fit the model "

@@ -300,12 +300,28 @@ class DeepSpeedSpec(Section):
             "gradient_clipping": "train.grad_clip",
             "fp16": "train.precision",
             "bf16": "train.precision",
-            "zero_optimization": "deepspeed.zero_stage / offload_*",
+        }
+        zero_owned = {
+            "stage": "zero_stage",
+            "offload_optimizer": "offload_optimizer",
+            "offload_param": "offload_param",
         }
         for key in self.extra:
             if key in owned:
                 problems.append(
                     (("extra", key), f"set by orch from {owned[key]}; set that field instead")
+                )
+        zero_extra = self.extra.get("zero_optimization", {})
+        if not isinstance(zero_extra, dict):
+            problems.append((("extra", "zero_optimization"), "must be a mapping"))
+            zero_extra = {}
+        for key in zero_extra:
+            if key in zero_owned:
+                problems.append(
+                    (
+                        ("extra", "zero_optimization", key),
+                        f"set by orch from deepspeed.{zero_owned[key]}; set that field instead",
+                    )
                 )
         if problems:
             raise SpecFieldError(problems)
