@@ -119,6 +119,12 @@ CASES: list[tuple[str, str, list[str], list[str]]] = [
         ["deepspeed.extra.fp16", "train.precision"],
     ),
     (
+        "zero-stage-in-extra",
+        MINIMAL + "deepspeed: {zero_stage: 2, extra: {zero_optimization: {stage: 3}}}\n",
+        [],
+        ["deepspeed.extra.zero_optimization.stage", "deepspeed.zero_stage"],
+    ),
+    (
         "offload-without-zero",
         MINIMAL + "deepspeed: {zero_stage: 0, offload_optimizer: cpu}\n",
         [],

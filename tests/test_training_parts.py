@@ -109,7 +109,7 @@ def test_resnet_and_gpt_build() -> None:
 
 def test_vocab_must_cover_the_tokenizer() -> None:
     spec = BertMLMModel(kind="bert_mlm", hidden_size=32, num_layers=1, num_heads=2, vocab_size=50)
-    with pytest.raises(ModelError, match="vocab_size 50 is smaller than the tokenizer's 100"):
+    with pytest.raises(ModelError, match=r"vocab_size 50 is smaller than the tokenizer's 100"):
         build_model(spec, DataInfo(vocab_size=100))
 
 
@@ -128,7 +128,7 @@ def test_pretrained_weights_load_from_a_local_path(tmp_path: Path) -> None:
         original.state_dict().items(), loaded.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
-    with pytest.raises(ModelError, match="has no config.json"):
+    with pytest.raises(ModelError, match=r"has no config\.json"):
         build_model(spec | {"pretrained": str(tmp_path)}, DataInfo(vocab_size=60))
     torch.save(
         build_model({"kind": "cnn"}, DataInfo(num_classes=10)).state_dict(), tmp_path / "cnn.pt"
