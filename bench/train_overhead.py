@@ -8,7 +8,8 @@ Measured side by side in one run (this machine is noisy: compare the ratios):
    first report window (start-up, compilation of kernels) is left out on both sides.
 2. Data wait: the share of orch's step time spent waiting for the next batch (Ray Data stream).
 3. Start-up: wall time from launching `orch run` to its first reported training step, with the
-   prepared data already cached (the usual case) and from a cold cache.
+   prepared data already cached (the usual case) and from a cold cache; next to it, Ray's own
+   floor: launching a bare script whose TorchTrainer (same 2 workers) runs an empty loop.
 
 Run from the repository root: `python bench/train_overhead.py [--steps N]`. Prints a report and
 writes bench/results/train_overhead.json. Needs ../shared/data/tinyshakespeare.txt.
@@ -179,6 +180,39 @@ def time_to_first_step(tmp: Path, cold: bool) -> float:
     return first
 
 
+RAY_FLOOR = """
+import sys, time
+import ray, ray.train
+from ray.train.torch import TorchTrainer
+
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+
+
+def loop(config):
+    with open(config["out"], "w") as f:
+        f.write(str(time.time()))
+
+
+TorchTrainer(loop, train_loop_config={"out": sys.argv[1]},
+             scaling_config=ray.train.ScalingConfig(num_workers=2,
+                                                    resources_per_worker={"CPU": 0.5}),
+             run_config=ray.train.RunConfig(storage_path=sys.argv[2], name="floor")).fit()
+ray.shutdown()
+"""
+
+
+def ray_floor(tmp: Path) -> float:
+    """Seconds from launching a bare Ray Train script to its (empty) loop starting on a worker."""
+    out = tmp / "floor.txt"
+    started = time.time()
+    subprocess.run(
+        [sys.executable, "-c", RAY_FLOOR, str(out), str(tmp / "floor-runs")],
+        check=True,
+        capture_output=True,
+    )
+    return float(out.read_text()) - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=80)
@@ -190,6 +224,7 @@ def main() -> None:
         baseline = run_baseline(str(prepared), args.steps, tmp)
         warm = time_to_first_step(tmp, cold=False)
         cold = time_to_first_step(tmp, cold=True)
+        floor = ray_floor(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report = {
@@ -203,6 +238,8 @@ def main() -> None:
         "orch_data_wait_share": round(orch["data_wait_share"], 4),
         "first_step_s_cached_data": round(warm, 1),
         "first_step_s_cold_cache": round(cold, 1),
+        "ray_train_floor_s": round(floor, 1),
+        "first_step_s_above_ray_floor": round(warm - floor, 1),
     }
     out = ROOT / "bench" / "results" / "train_overhead.json"
     out.parent.mkdir(exist_ok=True)

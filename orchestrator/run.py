@@ -5,6 +5,7 @@ The same function runs on a laptop (a local Ray) and, later, as the entrypoint o
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -164,6 +165,7 @@ def _fit(
         "data_info": info.__dict__,
         "model_config_hash": config_hash(spec.model, info),
     }
+    _check_existing_checkpoints(storage, name, spec, loop_config["model_config_hash"])
     channel = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop,
@@ -211,6 +213,43 @@ def _fit(
         seconds=time.monotonic() - started,
         history=history,
     )
+
+
+def _check_existing_checkpoints(
+    storage: str, name: str, spec: WorkloadSpec, model_hash: str
+) -> None:
+    """Refuse on the driver, before any worker starts, a run directory this run cannot resume.
+
+    The workers check again against the checkpoint Ray actually hands them.
+    """
+    import pyarrow.fs as pafs
+
+    from orchestrator.checkpoint import MANIFEST, Manifest
+
+    fs, root = (
+        pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+    )
+    run_dir = f"{root.rstrip('/')}/{name}"
+    if fs.get_file_info(run_dir).type != pafs.FileType.Directory:
+        return
+    steps = sorted(
+        info.path
+        for info in fs.get_file_info(pafs.FileSelector(run_dir))
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("step-")
+    )
+    for path in reversed(steps):
+        manifest_path = f"{path}/{MANIFEST}"
+        if fs.get_file_info(manifest_path).type != pafs.FileType.File:
+            continue
+        with fs.open_input_stream(manifest_path) as f:
+            saved = Manifest(**json.loads(f.read()))
+        zero = spec.deepspeed.zero_stage if spec.deepspeed else None
+        me = Manifest(0, 0, 0, spec.scaling.num_workers, zero, spec.train.precision, model_hash, {})
+        try:
+            saved.check_resumable_by(me, f"checkpoint {path}")
+        except CheckpointMismatch as exc:
+            raise RunError(str(exc)) from None
+        return
 
 
 def _storage(path: str) -> str:
