@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -104,7 +105,9 @@ def export_model(checkpoint_dir: str, out_dir: str, meta: dict[str, Any]) -> str
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=DS_TAG)
+        # DeepSpeed narrates the merge with prints and a progress bar; orch reports the result.
+        with open(os.devnull, "w") as quiet, redirect_stdout(quiet), redirect_stderr(quiet):
+            state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=DS_TAG)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     os.makedirs(out_dir, exist_ok=True)
     torch.save(state, os.path.join(out_dir, "state_dict.pt"))
