@@ -636,7 +636,8 @@ def report(results: dict[str, Any]) -> str:
     out.append(
         f"   10x/1x: peak RSS x{q['peak_rss']} (target <= x{s['target_ratio_max']}: {verdict}), "
         f"PSS x{q['peak_pss']}, USS x{q['peak_uss']}, RSS above idle "
-        f"x{q['peak_rss_above_idle']}, object store x{q['peak_object_store']}"
+        f"x{q['peak_rss_above_idle']}, object store "
+        + (f"x{q['peak_object_store']}" if q["peak_object_store"] else "n/a")
     )
     out += [
         "",

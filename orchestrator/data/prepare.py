@@ -226,8 +226,21 @@ def _tokenized(src: Source, fmt: str, data: DataSpec, tokenizer_json: str) -> It
     """Tokenize in parallel with Ray Data; yield each record's ids in source order."""
     import ray.data
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # shards and splits must be deterministic
+    # Shards and splits must be deterministic, so keep source order here; the setting is
+    # process-wide and training ingest (in the same driver) must not inherit it.
+    options = ray.data.DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, True
+    try:
+        yield from _tokenized_in_order(src, fmt, data, tokenizer_json)
+    finally:
+        options.preserve_order = before
+
+
+def _tokenized_in_order(
+    src: Source, fmt: str, data: DataSpec, tokenizer_json: str
+) -> Iterator[np.ndarray]:
+    import ray.data
+
     if fmt == "text":
         ds = ray.data.read_text(list(src.files), filesystem=src.filesystem)
     elif fmt == "jsonl":
