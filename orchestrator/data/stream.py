@@ -7,9 +7,11 @@ is reshuffled for every epoch (`FileShuffleConfig`, reseeded per execution) and 
 shuffles rows through a local buffer seeded with `seed + epoch`.
 
 Batch transforms (MLM masking, image decoding and augmentation) run on the worker, on whole
-torch batches: they are vectorized and cheap next to a training step, and a Ray Data
-`map_batches` stage would need CPUs that Ray Train has reserved for its workers
-(bench/data_pipeline.py measures both placements).
+torch batches: they are vectorized and overlap with the next batch's prefetch, while a Ray Data
+`map_batches` stage needs CPUs that Ray Train has reserved for its workers and moves a second
+column through the object store. Measured for MLM masking (bench/data_pipeline.py, 2 cores):
+masking in the worker streams at 1.02x the rate of no masking, a map_batches stage at 0.79x
+of that.
 """
 
 from __future__ import annotations
