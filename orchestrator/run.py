@@ -71,7 +71,7 @@ def run_workload(
             raise RunError(f"data: {exc}") from None
         info = data_info(spec, prepared)
         try:
-            _check_plan(spec, info)
+            _check_plan(spec, info, on_this_machine=address is None)
         except (PlanError, ModelError) as exc:
             raise RunError(str(exc)) from None
         return _fit(spec, prepared, info, name, verbose, log, on_progress, started)
@@ -97,27 +97,25 @@ def data_info(spec: WorkloadSpec, prepared: PreparedData) -> DataInfo:
     return DataInfo(num_classes=model_classes or num_classes, channels=channels)
 
 
-def _check_plan(spec: WorkloadSpec, info: DataInfo) -> None:
+def _check_plan(spec: WorkloadSpec, info: DataInfo, on_this_machine: bool) -> None:
+    """Checks against the Ray that orch started here; a cluster's fit (autoscaling, GPUs) is
+    checked by `orch submit`, whose resources the driver alone cannot see."""
     import ray
 
-    if address_is_local():
-        check_data_cpus(spec.scaling, ray.cluster_resources().get("CPU", 0))
-        if not spec.scaling.use_gpu:
-            check_memory(
-                spec.model,
-                info,
-                spec.train,
-                spec.deepspeed,
-                spec.scaling,
-                psutil.virtual_memory().available,
-                "this machine",
-            )
-
-
-def address_is_local() -> bool:
-    import ray
-
-    return len(ray.nodes()) == 1
+    if not on_this_machine:
+        return
+    # Ray Data needs CPUs beside the ones Train reserves, or the stream stalls.
+    check_data_cpus(spec.scaling, ray.cluster_resources().get("CPU", 0))
+    if not spec.scaling.use_gpu:
+        check_memory(
+            spec.model,
+            info,
+            spec.train,
+            spec.deepspeed,
+            spec.scaling,
+            psutil.virtual_memory().available,
+            "this machine",
+        )
 
 
 def _fit(
