@@ -98,8 +98,8 @@ def data_info(spec: WorkloadSpec, prepared: PreparedData) -> DataInfo:
 
 
 def _check_plan(spec: WorkloadSpec, info: DataInfo, on_this_machine: bool) -> None:
-    """Checks against the Ray that orch started here; a cluster's fit (autoscaling, GPUs) is
-    checked by `orch submit`, whose resources the driver alone cannot see."""
+    """Checks against the Ray on this machine; a cluster's fit (autoscaling nodes, GPU memory)
+    cannot be judged from its current resources, so no check refuses it here."""
     import ray
 
     if not on_this_machine:
