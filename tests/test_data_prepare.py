@@ -317,3 +317,22 @@ def test_cli_reports_data_errors_with_exit_2(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "missing.txt: no such file or directory" in result.output
     assert "Traceback" not in result.output
+
+
+def test_existing_tokenizer_file(shared_data: Path, tmp_path: Path) -> None:
+    first = prepare(shakespeare(shared_data, tmp_path))
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text(Path(first.root, "tokenizer.json").read_text())
+    spec = shakespeare(shared_data, tmp_path, tokenizer={"kind": "file", "path": str(tokenizer)})
+    reused = prepare(spec)
+    assert reused.root != first.root
+    assert reused.manifest["tokenizer"]["hash"] == first.manifest["tokenizer"]["hash"]
+    assert all_rows(reused, "train").equals(all_rows(first, "train"))
+    # Another file at the same path is another tokenizer: a new cache entry, never a stale one.
+    other = Tokenizer.from_file(str(tokenizer))
+    other.add_tokens(["thou-art-new"])
+    other.save(str(tokenizer))
+    assert prepare(spec).root != reused.root
+    tokenizer.write_text("{not json")
+    with pytest.raises(DataError, match=r"tokenizer\.json: cannot load tokenizer"):
+        prepare(spec)
