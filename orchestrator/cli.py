@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 import yaml
 
 from orchestrator import __version__
 from orchestrator.load import SpecError, load_workload
-from orchestrator.spec import workload_schema
+from orchestrator.spec import WorkloadSpec, workload_schema
 
 app = typer.Typer(
     name="orch",
@@ -35,7 +35,21 @@ SetOption = Annotated[
 ]
 
 
-def _fail(error: SpecError) -> None:
+AddressOption = Annotated[
+    str | None, typer.Option(help="Ray address; default: start Ray on this machine.")
+]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's logs.")]
+
+
+def _load(file: Path, overrides: list[str] | None) -> WorkloadSpec:
+    """Load a workload or exit 2 with every problem."""
+    try:
+        return load_workload(file, overrides or [])
+    except SpecError as error:
+        _fail(error)
+
+
+def _fail(error: SpecError) -> NoReturn:
     for problem in error.problems:
         typer.secho(f"error: {problem}", fg="red", err=True)
     raise typer.Exit(INVALID_INPUT)
@@ -83,10 +97,7 @@ def show(
     overrides: SetOption = None,
 ) -> None:
     """Print the fully resolved workload (extends, --set and defaults applied) as YAML."""
-    try:
-        spec = load_workload(file, overrides or [])
-    except SpecError as error:
-        _fail(error)
+    spec = _load(file, overrides)
     typer.echo(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), nl=False)
 
 
@@ -98,18 +109,13 @@ app.add_typer(data_app, name="data")
 def data_prepare(
     file: Annotated[Path, typer.Argument(help="Workload file whose data section to prepare.")],
     overrides: SetOption = None,
-    address: Annotated[
-        str | None, typer.Option(help="Ray address; default: start Ray on this machine.")
-    ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's logs.")] = False,
+    address: AddressOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Tokenize/convert a workload's raw data into cached Parquet shards (reused when unchanged)."""
     from orchestrator.data import DataError, prepare
 
-    try:
-        spec = load_workload(file, overrides or [])
-    except SpecError as error:
-        _fail(error)
+    spec = _load(file, overrides)
     try:
         prepared = prepare(spec.data, log=typer.echo, ray_address=address, verbose=verbose)
     except DataError as error:
@@ -126,22 +132,17 @@ def data_prepare(
 def run(
     file: Annotated[Path, typer.Argument(help="Workload file.")],
     overrides: SetOption = None,
-    address: Annotated[
-        str | None, typer.Option(help="Ray address; default: start Ray on this machine.")
-    ] = None,
+    address: AddressOption = None,
     name: Annotated[
         str | None,
         typer.Option(help="Run name (default: the workload name); the same name resumes."),
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's logs.")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Train a workload on this machine (or on --address), resuming a run of the same name."""
     from orchestrator.run import RunError, TrainingFailed, run_workload
 
-    try:
-        spec = load_workload(file, overrides or [])
-    except SpecError as error:
-        _fail(error)
+    spec = _load(file, overrides)
     progress = _Progress()
     try:
         result = run_workload(
