@@ -138,6 +138,9 @@ def run(
         typer.Option(help="Run name (default: the workload name); the same name resumes."),
     ] = None,
     verbose: VerboseOption = False,
+    no_tracking: Annotated[
+        bool, typer.Option("--no-tracking", help="Do not record this run in MLflow.")
+    ] = False,
 ) -> None:
     """Train a workload on this machine (or on --address), resuming a run of the same name."""
     from orchestrator.run import RunError, TrainingFailed, run_workload
@@ -150,6 +153,7 @@ def run(
             address=address,
             name=name,
             verbose=verbose,
+            tracking=not no_tracking,
             log=progress.note,
             on_progress=progress.show,
         )
@@ -171,6 +175,10 @@ def run(
     typer.echo(f"  run directory: {result.path}")
     if result.model_dir:
         typer.echo(f"  model: {result.model_dir} (orchestrator.models.load_exported)")
+    if result.mlflow_run_id:
+        typer.echo(f"  MLflow run: {result.mlflow_run_id}")
+    for note in result.notes:
+        typer.echo(f"  {note}")
 
 
 class _Progress:
@@ -206,6 +214,53 @@ class _Progress:
         if self.open:
             typer.echo()
             self.open = False
+
+
+runs_app = typer.Typer(help="Recorded runs (MLflow).", invoke_without_command=True)
+app.add_typer(runs_app, name="runs")
+TrackingUriOption = Annotated[
+    str | None,
+    typer.Option(help="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else ./mlflow.db."),
+]
+
+
+@runs_app.callback()
+def runs(
+    ctx: typer.Context,
+    experiment: Annotated[str | None, typer.Option(help="Only this experiment.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="How many runs to show.")] = 20,
+    tracking_uri: TrackingUriOption = None,
+) -> None:
+    """A table of recent runs: id, workload, status, key metrics, duration."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from orchestrator.tracking import TrackingError, recent_runs
+
+    try:
+        rows = recent_runs(tracking_uri, experiment, limit)
+    except TrackingError as error:
+        typer.secho(f"error: {error}", fg="red", err=True)
+        raise typer.Exit(INVALID_INPUT) from None
+    if not rows:
+        typer.echo("no runs")
+        return
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in rows[0]}
+    typer.echo("  ".join(k.ljust(w) for k, w in widths.items()).rstrip())
+    for row in rows:
+        typer.echo("  ".join(row[k].ljust(w) for k, w in widths.items()).rstrip())
+
+
+@runs_app.command("upload")
+def runs_upload(
+    file: Annotated[Path, typer.Argument(help="A run's mlflow_pending.jsonl.")],
+) -> None:
+    """Send the reports a run kept while its MLflow server was down."""
+    from orchestrator.tracking import upload_pending
+
+    if not file.is_file():
+        typer.secho(f"error: {file}: no such file", fg="red", err=True)
+        raise typer.Exit(INVALID_INPUT)
+    typer.echo(f"uploaded {upload_pending(file)} report(s) from {file}")
 
 
 @app.command()

@@ -10,6 +10,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -43,6 +44,8 @@ class RunResult:
     model_dir: str | None
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    mlflow_run_id: str | None = None
+    notes: list[str] = field(default_factory=list)  # e.g. tracking outcomes, to show the user
 
 
 def run_workload(
@@ -51,10 +54,14 @@ def run_workload(
     address: str | None = None,
     name: str | None = None,
     verbose: bool = False,
+    tracking: bool = True,
     log: Callable[[str], None] = lambda _: None,
     on_progress: Callable[[dict[str, Any]], None] = lambda _: None,
 ) -> RunResult:
-    """Run one workload to the end (resuming its earlier checkpoints) and export the model."""
+    """Run one workload to the end (resuming its earlier checkpoints) and export the model.
+
+    `tracking=False` (--no-tracking) skips MLflow even when the workload enables it.
+    """
     from orchestrator.data import DataError
 
     started = time.monotonic()
@@ -74,7 +81,20 @@ def run_workload(
             _check_plan(spec, info, on_this_machine=address is None)
         except (PlanError, ModelError) as exc:
             raise RunError(str(exc)) from None
-        return _fit(spec, prepared, info, name, verbose, log, on_progress, started)
+        tracker = None
+        if tracking and spec.tracking.mlflow.enabled:
+            from orchestrator.tracking import Tracker, TrackingError, redact
+
+            data_hash = (
+                prepared.manifest.get("cache_key") or prepared.manifest["source_fingerprint"]
+            )
+            run_dir = Path(_local_dir(f"{_storage(spec.train.storage_path)}/{name}"))
+            try:
+                tracker = Tracker.start(spec, name, data_hash, run_dir)
+            except TrackingError as exc:
+                raise RunError(str(exc)) from None
+            log(f"tracking: MLflow run {tracker.run_id} at {redact(tracker.uri)}")
+        return _fit(spec, prepared, info, name, log, on_progress, started, tracker)
 
 
 def data_info(spec: WorkloadSpec, prepared: PreparedData) -> DataInfo:
@@ -123,10 +143,10 @@ def _fit(
     prepared: PreparedData,
     info: DataInfo,
     name: str,
-    verbose: bool,
     log: Callable[[str], None],
     on_progress: Callable[[dict[str, Any]], None],
     started: float,
+    tracker: Any,
 ) -> RunResult:
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -184,11 +204,27 @@ def _fit(
         datasets=open_splits(prepared, seed=spec.train.seed, shuffle=spec.data.shuffle_buffer > 0),
     )
     log(f"training {name}: {spec.scaling.num_workers} worker(s), run directory {storage}/{name}")
-    with ProgressPrinter(channel, on_progress) as printer:
+
+    def show(event: dict[str, Any]) -> None:
+        on_progress(event)
+        if tracker is not None:
+            tracker.log_event(event)
+
+    with ProgressPrinter(channel, show) as printer:
         try:
             result = trainer.fit()
-        except ray.train.TrainingFailedError as exc:
-            raise _explain(exc) from None
+        except (ray.train.TrainingFailedError, KeyboardInterrupt) as exc:
+            error = _explain(exc) if isinstance(exc, ray.train.TrainingFailedError) else exc
+            failed = True
+        else:
+            failed = False
+    if failed:
+        if tracker is not None:
+            for note in tracker.finish(
+                "FAILED" if not isinstance(error, KeyboardInterrupt) else "KILLED", None, None
+            ):
+                log(note)
+        raise error
     history = printer.events
     model_dir = None
     if result.checkpoint is not None:
@@ -202,14 +238,18 @@ def _fit(
                     "task": spec.model.kind,
                 },
             )
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    notes = tracker.finish("FINISHED", model_dir, checkpoint) if tracker is not None else []
     return RunResult(
         name=name,
         path=result.path,
         metrics=history[-1] if history else (result.metrics or {}),
-        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        checkpoint=checkpoint,
         model_dir=model_dir,
         seconds=time.monotonic() - started,
         history=history,
+        mlflow_run_id=tracker.run_id if tracker is not None else None,
+        notes=notes,
     )
 
 

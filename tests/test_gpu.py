@@ -45,6 +45,7 @@ def test_bert_zero_bf16_on_gpu(stage: int, shared_data: Path, tmp_path: Path) ->
                 "use_gpu": True,
                 "resources_per_worker": {"CPU": 0.5, "GPU": 1},
             },
+            "tracking": {"mlflow": {"enabled": False}},
         }
     )
     result = run_workload(spec)

@@ -311,6 +311,7 @@ def test_custom_model(tmp_path: Path, cache: Path) -> None:
                 "storage_path": str(tmp_path / "runs"),
             },
             "scaling": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}},
+            "tracking": {"mlflow": {"enabled": False}},
         }
     )
     result = run_workload(spec)

@@ -1,0 +1,264 @@
+"""Tracking on a real `mlflow server` (SQLite backend, loopback port) and on the embedded store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from orchestrator.run import RunError, run_workload
+from orchestrator.spec import WorkloadSpec
+from orchestrator.tracking import promotion
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
+
+
+class MlflowServer:
+    """`mlflow server` as a subprocess on a loopback port; can be stopped and started again."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("mlflow server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its worker processes
+            self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[MlflowServer]:
+    srv = MlflowServer(tmp_path / "mlflow")
+    srv.root.mkdir()
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data-cache")
+
+
+def mnist(
+    shared_data: Path,
+    cache: Path,
+    tmp_path: Path,
+    tracking: dict[str, Any],
+    steps: int = 6,
+    **train: Any,
+) -> WorkloadSpec:
+    return WorkloadSpec.model_validate(
+        {
+            "name": "mnist-tracked",
+            "model": {"kind": "cnn", "channels": [8, 16]},
+            "data": {
+                "train": str(shared_data),
+                "format": "mnist",
+                "eval_fraction": 0.2,
+                "limit": 3000,
+                "cache_dir": str(cache),
+            },
+            "train": {
+                "max_steps": steps,
+                "micro_batch_size": 32,
+                "log_every": 2,
+                "eval_batches": 2,
+                "checkpoint_every": 2,
+                "optimizer": {"lr": 3e-3},
+                "storage_path": str(tmp_path / "runs"),
+                **train,
+            },
+            "scaling": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}},
+            "tracking": {"mlflow": tracking},
+        }
+    )
+
+
+@pytest.mark.timeout(600)
+def test_run_is_recorded_and_model_registered(
+    server: MlflowServer, shared_data: Path, cache: Path, tmp_path: Path
+) -> None:
+    spec = mnist(
+        shared_data,
+        cache,
+        tmp_path,
+        {
+            "tracking_uri": server.uri,
+            "experiment": "mnist-exp",
+            "register_as": "mnist-cnn",
+            "promote_if": "eval_accuracy >= 0.0 and eval_loss < 100",
+        },
+    )
+    result = run_workload(spec)
+    client = MlflowClient(tracking_uri=server.uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "mnist-exp"
+    params = run.data.params
+    assert params["train.max_steps"] == "6" and params["model.kind"] == "cnn"
+    assert params["scaling.resources_per_worker.CPU"] == "0.5"
+    tags = run.data.tags
+    assert tags["orch.run_name"] == "mnist-tracked" and tags["orch.host"]
+    assert {
+        "orch.version.torch",
+        "orch.version.ray",
+        "orch.version.deepspeed",
+        "orch.version.transformers",
+        "orch.git_commit",
+        "orch.data_hash",
+    } <= set(tags)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_accuracy")] == [6]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"workload.yaml", "checkpoints", "model_export"} <= artifacts
+    assert tags.get("orch.promoted") is None  # set at the end: read the run again
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["orch.promoted"] == "true" and "eval_loss" in tags["orch.promotion_reason"]
+    versions = client.search_model_versions("name = 'mnist-cnn'")
+    assert len(versions) == 1 and versions[0].run_id == run.info.run_id
+    import mlflow
+
+    mlflow.set_tracking_uri(server.uri)
+    model = mlflow.pytorch.load_model("models:/mnist-cnn/1")
+    import torch
+
+    assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+
+
+@pytest.mark.timeout(600)
+def test_model_not_promoted_is_not_registered(
+    server: MlflowServer, shared_data: Path, cache: Path, tmp_path: Path
+) -> None:
+    spec = mnist(
+        shared_data,
+        cache,
+        tmp_path,
+        {"tracking_uri": server.uri, "register_as": "never", "promote_if": "eval_accuracy > 2"},
+    )
+    result = run_workload(spec)
+    client = MlflowClient(tracking_uri=server.uri)
+    tags = client.get_run(result.mlflow_run_id).data.tags
+    assert tags["orch.promoted"] == "false"
+    assert "eval_accuracy" in tags["orch.promotion_reason"]
+    assert client.search_model_versions("name = 'never'") == []
+    assert any("not registered" in note for note in result.notes)
+
+
+@pytest.mark.timeout(900)
+def test_server_down_mid_run_loses_no_metric(
+    server: MlflowServer, shared_data: Path, cache: Path, tmp_path: Path
+) -> None:
+    spec = mnist(shared_data, cache, tmp_path, {"tracking_uri": server.uri}, steps=40)
+    run_dir = tmp_path / "runs" / "mnist-tracked"
+
+    def outage() -> None:  # down after the first checkpoint, back some reports later
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"
+        while not (snapshot.is_file() and "step-00000002" in snapshot.read_text()):
+            time.sleep(0.1)
+        server.stop()
+        while not (snapshot.is_file() and "step-00000012" in snapshot.read_text()):
+            time.sleep(0.1)
+        server.start()
+
+    thread = threading.Thread(target=outage)
+    thread.start()
+    result = run_workload(spec)
+    thread.join()
+    assert result.history[-1]["step"] == 40
+    client = MlflowClient(tracking_uri=server.uri)
+    steps = [m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")]
+    assert sorted(steps) == list(range(2, 41, 2))
+    assert client.get_run(result.mlflow_run_id).info.status == "FINISHED"
+
+
+def test_unreachable_server_fails_fast_unless_no_tracking(
+    shared_data: Path, cache: Path, tmp_path: Path
+) -> None:
+    spec = mnist(
+        shared_data, cache, tmp_path, {"tracking_uri": "http://user:s3cret@127.0.0.1:9"}, steps=2
+    )
+    started = time.monotonic()
+    with pytest.raises(RunError, match=r"cannot use the MLflow server .*--no-tracking") as info:
+        run_workload(spec)
+    assert time.monotonic() - started < 60
+    assert "s3cret" not in str(info.value) and "user:***@" in str(info.value)
+    result = run_workload(spec, tracking=False)
+    assert result.mlflow_run_id is None and result.history[-1]["step"] == 2
+
+
+@pytest.mark.timeout(600)
+def test_embedded_default_store(
+    shared_data: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    result = run_workload(mnist(shared_data, cache, tmp_path, {}, steps=2))
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert (tmp_path / "mlflow.db").is_file()
+    run = MlflowClient(tracking_uri=store).get_run(result.mlflow_run_id)
+    assert run.data.metrics["loss"] > 0
+    table = CliRunner().invoke(app, ["runs", "--experiment", "mnist-tracked"])
+    assert table.exit_code == 0, table.output
+    assert "mnist-tracked" in table.output and "FINISHED" in table.output
+    assert result.mlflow_run_id[:12] in table.output
+
+
+def test_promotion_conditions() -> None:
+    assert promotion("eval_loss < 2.0", {"eval_loss": 1.5})[0]
+    assert not promotion("eval_loss < 2.0", {"eval_loss": 2.5})[0]
+    ok, reason = promotion("eval_loss < 2 and eval_accuracy >= 0.5", {"eval_loss": 1.0})
+    assert not ok and reason == "eval_accuracy was not reported"
+    assert promotion(None, {}) == (True, "no promote_if condition")
