@@ -164,8 +164,6 @@ def test_run_is_recorded_and_model_registered(
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_accuracy")] == [6]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"workload.yaml", "checkpoints", "model_export"} <= artifacts
-    assert tags.get("orch.promoted") is None  # set at the end: read the run again
-    tags = client.get_run(run.info.run_id).data.tags
     assert tags["orch.promoted"] == "true" and "eval_loss" in tags["orch.promotion_reason"]
     versions = client.search_model_versions("name = 'mnist-cnn'")
     assert len(versions) == 1 and versions[0].run_id == run.info.run_id
