@@ -63,7 +63,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
             out.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
         return out
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return {prefix: text[:6000]}  # MLflow's limit on a param value
+    return {prefix: redact(text)[:6000]}  # MLflow's limit on a param value
 
 
 def redact(uri: str) -> str:
@@ -193,12 +193,12 @@ class Tracker:
     def finish(self, status: str, model_dir: str | None, checkpoint_dir: str | None) -> list[str]:
         """Flush, log artifacts and the model, register it if promoted; return notes to show."""
         notes = []
-        for _ in range(6):  # give a restarting server up to about a minute
+        for _ in range(3):  # give a restarting server a little time
             if self.flush(quick=False):
                 break
-            time.sleep(10)
+            time.sleep(5)
         if self.pending:
-            self._keep_pending()
+            self._keep_pending(status)
             notes.append(
                 f"tracking: {len(self.pending)} report(s) could not be sent to {redact(self.uri)}; "
                 f"kept in {self.fallback} (send them with: orch runs upload {self.fallback})"
@@ -206,12 +206,12 @@ class Tracker:
             return notes
         try:
             with _quick_requests(timeout=30, retries=2):
-                if checkpoint_dir and Path(checkpoint_dir, "orch_checkpoint.json").is_file():
-                    self.client.log_artifact(
-                        self.run_id,
-                        str(Path(checkpoint_dir, "orch_checkpoint.json")),
-                        "checkpoints",
-                    )
+                if checkpoint_dir:  # the manifests of every checkpoint the run kept
+                    run_dir = Path(checkpoint_dir).parent
+                    for manifest in sorted(run_dir.glob("step-*/orch_checkpoint.json")):
+                        self.client.log_artifact(
+                            self.run_id, str(manifest), f"checkpoints/{manifest.parent.name}"
+                        )
                 if model_dir and status == "FINISHED":
                     notes += self._log_model(model_dir)
                 self.client.set_terminated(self.run_id, status=status)
@@ -252,13 +252,13 @@ class Tracker:
             notes.append(f"tracking: model {verdict} ({reason})")
         return notes
 
-    def _keep_pending(self) -> None:
+    def _keep_pending(self, status: str) -> None:
         self.fallback.parent.mkdir(parents=True, exist_ok=True)
+        where = {"tracking_uri": self.uri, "run_id": self.run_id}
         with self.fallback.open("a") as f:
             for item in self.pending:
-                f.write(
-                    json.dumps({"tracking_uri": self.uri, "run_id": self.run_id, **item}) + "\n"
-                )
+                f.write(json.dumps(where | item) + "\n")
+            f.write(json.dumps(where | {"end_status": status}) + "\n")
 
 
 def recent_runs(uri: str | None, experiment: str | None, limit: int) -> list[dict[str, str]]:
@@ -306,12 +306,17 @@ def upload_pending(path: Path) -> int:
     from mlflow.tracking import MlflowClient
 
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    sent = 0
     for item in lines:
         client = MlflowClient(tracking_uri=item["tracking_uri"])
+        if "end_status" in item:  # the run ended while the server was away
+            client.set_terminated(item["run_id"], status=item["end_status"])
+            continue
         batch = [Metric(k, v, item["time"], item["step"]) for k, v in item["metrics"].items()]
         client.log_batch(item["run_id"], metrics=batch)
-    path.rename(path.with_suffix(".uploaded"))
-    return len(lines)
+        sent += 1
+    path.rename(path.with_suffix(".uploaded"))  # kept, so nothing is ever lost
+    return sent
 
 
 def _input_example(meta: dict[str, Any]) -> Any:

@@ -260,3 +260,32 @@ def test_promotion_conditions() -> None:
     ok, reason = promotion("eval_loss < 2 and eval_accuracy >= 0.5", {"eval_loss": 1.0})
     assert not ok and reason == "eval_accuracy was not reported"
     assert promotion(None, {}) == (True, "no promote_if condition")
+
+
+@pytest.mark.timeout(900)
+def test_server_down_until_the_end_keeps_reports_for_upload(
+    server: MlflowServer, shared_data: Path, cache: Path, tmp_path: Path
+) -> None:
+    spec = mnist(shared_data, cache, tmp_path, {"tracking_uri": server.uri}, steps=10)
+    snapshot = tmp_path / "runs" / "mnist-tracked" / "checkpoint_manager_snapshot.json"
+
+    def outage() -> None:
+        while not (snapshot.is_file() and "step-00000002" in snapshot.read_text()):
+            time.sleep(0.1)
+        server.stop()
+
+    thread = threading.Thread(target=outage)
+    thread.start()
+    result = run_workload(spec)
+    thread.join()
+    assert result.history[-1]["step"] == 10  # training never waited on the server
+    pending = tmp_path / "runs" / "mnist-tracked" / "mlflow_pending.jsonl"
+    assert any(str(pending) in note for note in result.notes)
+    server.start()
+    upload = CliRunner().invoke(app, ["runs", "upload", str(pending)])
+    assert upload.exit_code == 0, upload.output
+    client = MlflowClient(tracking_uri=server.uri)
+    steps = [m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")]
+    assert sorted(steps) == [2, 4, 6, 8, 10]
+    assert client.get_run(result.mlflow_run_id).info.status == "FINISHED"
+    assert pending.with_suffix(".uploaded").is_file()
