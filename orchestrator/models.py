@@ -31,6 +31,7 @@ from orchestrator.spec import (
 __all__ = [
     "MODELS",
     "DataInfo",
+    "LogitsOnly",
     "ModelError",
     "build_model",
     "config_hash",
@@ -230,6 +231,17 @@ def config_hash(spec: Any, data: DataInfo) -> str:
         "data": data.__dict__,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class LogitsOnly(nn.Module):
+    """A transformers model as a plain tensor-to-tensor module (for MLflow's pytorch flavor)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids).logits
 
 
 def load_exported(directory: str | Path) -> nn.Module:

@@ -106,6 +106,20 @@ def _quick_requests(timeout: int, retries: int) -> Iterator[None]:
                 os.environ[key] = value
 
 
+@contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """MLflow narrates model logging at INFO and WARNING; orch prints the outcome itself."""
+    import logging
+
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 class Tracker:
     """One MLflow run for one `orch run`; the same run name continues the same MLflow run."""
 
@@ -223,25 +237,30 @@ class Tracker:
         import mlflow
         import torch
 
-        from orchestrator.models import load_exported
+        import orchestrator
+        from orchestrator.models import LogitsOnly, load_exported
 
         meta = json.loads(Path(model_dir, "model.json").read_text())
         model = load_exported(model_dir).eval()
+        if hasattr(model, "config"):  # transformers models return output objects, not tensors
+            model = LogitsOnly(model).eval()
         example = _input_example(meta)
         with torch.no_grad():
             output = model(torch.from_numpy(example))
-        output = getattr(output, "logits", output)
         signature = mlflow.models.infer_signature(example, output.numpy())
         promote, reason = promotion(self.settings.promote_if, self.last)
         register = self.settings.register_as if promote else None
         mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=self.run_id):
+        # orch's code travels with the model, so it loads where orch is not installed.
+        code = [str(Path(orchestrator.__file__).parent)]
+        with mlflow.start_run(run_id=self.run_id), _quiet("mlflow"):
             mlflow.pytorch.log_model(
                 model,
                 name="model",
                 signature=signature,
                 input_example=example,
                 registered_model_name=register,
+                code_paths=code,
             )
             mlflow.log_artifact(str(Path(model_dir, "model.json")), "model_export")
         notes = []
