@@ -17,6 +17,7 @@ import psutil
 
 from orchestrator.checkpoint import CheckpointMismatch, export_model
 from orchestrator.data import PreparedData, open_splits, prepare
+from orchestrator.data.stream import ingest_config
 from orchestrator.distributed import accumulation_steps
 from orchestrator.models import DataInfo, ModelError, config_hash, resolve_custom
 from orchestrator.plan import PlanError, check_data_cpus, check_memory
@@ -202,6 +203,7 @@ def _fit(
             callbacks=[ProgressCallback(channel)],
         ),
         datasets=open_splits(prepared, seed=spec.train.seed, shuffle=spec.data.shuffle_buffer > 0),
+        dataset_config=ingest_config(),
     )
     log(f"training {name}: {spec.scaling.num_workers} worker(s), run directory {storage}/{name}")
 

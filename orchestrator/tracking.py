@@ -261,6 +261,8 @@ class Tracker:
                 input_example=example,
                 registered_model_name=register,
                 code_paths=code,
+                # A pickled module takes any sequence length; an exported graph fixes it.
+                serialization_format="pickle",
             )
             mlflow.log_artifact(str(Path(model_dir, "model.json")), "model_export")
         notes = []

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from orchestrator.data import DataError, check_shards, epoch_batches, open_splits, prepare
-from orchestrator.data.stream import mask_tokens
+from orchestrator.data.stream import ingest_config, mask_tokens
 from orchestrator.spec import DataSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
@@ -55,6 +55,7 @@ def _collect(prepared, out: Path, num_workers: int, epochs: int, seed: int = 7) 
         ),
         run_config=ray.train.RunConfig(storage_path=str(out / "runs"), name="stream"),
         datasets={"train": open_splits(prepared, seed=seed)["train"]},
+        dataset_config=ingest_config(),
     )
     trainer.fit()
 

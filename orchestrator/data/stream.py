@@ -32,6 +32,7 @@ __all__ = [
     "decode_images",
     "epoch_batches",
     "eval_batches",
+    "ingest_config",
     "mask_tokens",
     "open_splits",
 ]
@@ -54,6 +55,19 @@ def open_splits(prepared: PreparedData, seed: int, shuffle: bool = True) -> dict
             prepared.files("eval"), filesystem=prepared.filesystem
         )
     return splits
+
+
+def ingest_config() -> Any:
+    """How Ray Train feeds the splits to workers: streamed, split equally, in seeded order.
+
+    Read tasks finish in whatever order the machine's load dictates; `preserve_order` keeps
+    the seeded file order, so the same seed gives the same sample order.
+    """
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
 
 
 def check_shards(prepared: PreparedData) -> None:
