@@ -248,6 +248,14 @@ class Tracker:
         with torch.no_grad():
             output = model(torch.from_numpy(example))
         signature = mlflow.models.infer_signature(example, output.numpy())
+        if example.ndim == 2:  # token ids: any batch size and any sequence length
+            from mlflow.models import ModelSignature
+            from mlflow.types import Schema, TensorSpec
+
+            signature = ModelSignature(
+                inputs=Schema([TensorSpec(example.dtype, (-1, -1))]),
+                outputs=Schema([TensorSpec(output.numpy().dtype, (-1, -1, output.shape[-1]))]),
+            )
         promote, reason = promotion(self.settings.promote_if, self.last)
         register = self.settings.register_as if promote else None
         mlflow.set_tracking_uri(self.uri)
