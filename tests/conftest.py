@@ -57,3 +57,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _wait_for_checkpoint(run_dir: Path, checkpoint: str, timeout: float = 300) -> bool:
+    """Block until Ray has registered `checkpoint` (e.g. "step-00000006") for the run."""
+    import time
+
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if snapshot.is_file() and checkpoint in snapshot.read_text():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.fixture
+def wait_for_checkpoint():
+    """Tests that break things mid-run wait for a registered checkpoint with this."""
+    return _wait_for_checkpoint

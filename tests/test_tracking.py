@@ -197,18 +197,15 @@ def test_model_not_promoted_is_not_registered(
 
 @pytest.mark.timeout(900)
 def test_server_down_mid_run_loses_no_metric(
-    server: MlflowServer, shared_data: Path, cache: Path, tmp_path: Path
+    server: MlflowServer, shared_data: Path, cache: Path, tmp_path: Path, wait_for_checkpoint: Any
 ) -> None:
     spec = mnist(shared_data, cache, tmp_path, {"tracking_uri": server.uri}, steps=40)
     run_dir = tmp_path / "runs" / "mnist-tracked"
 
     def outage() -> None:  # down after the first checkpoint, back some reports later
-        snapshot = run_dir / "checkpoint_manager_snapshot.json"
-        while not (snapshot.is_file() and "step-00000002" in snapshot.read_text()):
-            time.sleep(0.1)
+        wait_for_checkpoint(run_dir, "step-00000002")
         server.stop()
-        while not (snapshot.is_file() and "step-00000012" in snapshot.read_text()):
-            time.sleep(0.1)
+        wait_for_checkpoint(run_dir, "step-00000012")
         server.start()
 
     thread = threading.Thread(target=outage)
@@ -264,14 +261,12 @@ def test_promotion_conditions() -> None:
 
 @pytest.mark.timeout(900)
 def test_server_down_until_the_end_keeps_reports_for_upload(
-    server: MlflowServer, shared_data: Path, cache: Path, tmp_path: Path
+    server: MlflowServer, shared_data: Path, cache: Path, tmp_path: Path, wait_for_checkpoint: Any
 ) -> None:
     spec = mnist(shared_data, cache, tmp_path, {"tracking_uri": server.uri}, steps=10)
-    snapshot = tmp_path / "runs" / "mnist-tracked" / "checkpoint_manager_snapshot.json"
 
     def outage() -> None:
-        while not (snapshot.is_file() and "step-00000002" in snapshot.read_text()):
-            time.sleep(0.1)
+        wait_for_checkpoint(tmp_path / "runs" / "mnist-tracked", "step-00000002")
         server.stop()
 
     thread = threading.Thread(target=outage)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,18 +94,17 @@ def _steps(history: list[dict[str, Any]]) -> list[int]:
     return [e["step"] for e in history]
 
 
-def _kill_a_worker_once_checkpointed(run_dir: Path, checkpoint: str, killed: list[int]) -> None:
+def _kill_a_worker_once_checkpointed(
+    wait: Callable[[Path, str], bool], run_dir: Path, checkpoint: str, killed: list[int]
+) -> None:
     """SIGKILL one training worker as soon as Ray has registered `checkpoint` for the run."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if snapshot.is_file() and checkpoint in snapshot.read_text():
-            for proc in psutil.process_iter(["cmdline"]):
-                if "ray::RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-                    proc.send_signal(signal.SIGKILL)
-                    killed.append(proc.pid)
-                    return
-        time.sleep(0.1)
+    if not wait(run_dir, checkpoint):
+        return
+    for proc in psutil.process_iter(["cmdline"]):
+        if "ray::RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+            proc.send_signal(signal.SIGKILL)
+            killed.append(proc.pid)
+            return
 
 
 @pytest.mark.timeout(900)
@@ -194,7 +193,7 @@ def test_bert_loss_falls(shared_data: Path, cache: Path, tmp_path: Path) -> None
 
 @pytest.mark.timeout(600)
 def test_killed_worker_is_recovered_from_last_checkpoint(
-    shared_data: Path, cache: Path, tmp_path: Path
+    shared_data: Path, cache: Path, tmp_path: Path, wait_for_checkpoint: Callable[..., bool]
 ) -> None:
     spec = bert(
         shared_data,
@@ -206,7 +205,7 @@ def test_killed_worker_is_recovered_from_last_checkpoint(
     killed: list[int] = []
     killer = threading.Thread(
         target=_kill_a_worker_once_checkpointed,
-        args=(tmp_path / "runs" / "bert", "step-00000006", killed),
+        args=(wait_for_checkpoint, tmp_path / "runs" / "bert", "step-00000006", killed),
     )
     killer.start()
     result = run_workload(spec)
@@ -234,12 +233,14 @@ def test_rerun_resumes_instead_of_starting_over(
 
 
 @pytest.mark.timeout(600)
-def test_interrupted_run_resumes_on_rerun(shared_data: Path, cache: Path, tmp_path: Path) -> None:
+def test_interrupted_run_resumes_on_rerun(
+    shared_data: Path, cache: Path, tmp_path: Path, wait_for_checkpoint: Callable[..., bool]
+) -> None:
     spec = mnist(shared_data, cache, tmp_path, train={"max_steps": 12, "checkpoint_every": 4})
     killed: list[int] = []
     killer = threading.Thread(
         target=_kill_a_worker_once_checkpointed,
-        args=(tmp_path / "runs" / "mnist", "step-00000004", killed),
+        args=(wait_for_checkpoint, tmp_path / "runs" / "mnist", "step-00000004", killed),
     )
     killer.start()
     with pytest.raises(TrainingFailed):
