@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -18,6 +19,12 @@ def ray_session(address: str | None = None, verbose: bool = False) -> Iterator[N
     if not verbose:
         # orch prints its own progress; Ray Data's per-operator log lines drown it.
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # Notices the user cannot act on: a local Ray's token auth being on (it is meant to
+        # be), and Ray Train's own use of a Ray Data option Ray deprecated.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR
+        )
+        warnings.filterwarnings("ignore", message=".*exclude_resources.*")
     if ray.is_initialized():
         yield
         return

@@ -25,7 +25,19 @@ from orchestrator.ray_session import ray_session
 from orchestrator.spec import WorkloadSpec
 from orchestrator.train_loop import steps_per_epoch, train_loop
 
-__all__ = ["RunError", "RunResult", "TrainingFailed", "run_workload"]
+__all__ = [
+    "RunError",
+    "RunResult",
+    "TrainingFailed",
+    "build_trainer",
+    "check_plan",
+    "explain",
+    "export_final",
+    "local_dir",
+    "loop_config",
+    "run_workload",
+    "storage_uri",
+]
 
 
 class RunError(Exception):
@@ -79,7 +91,7 @@ def run_workload(
             raise RunError(f"data: {exc}") from None
         info = data_info(spec, prepared)
         try:
-            _check_plan(spec, info, on_this_machine=address is None)
+            check_plan(spec, info, on_this_machine=address is None)
         except (PlanError, ModelError) as exc:
             raise RunError(str(exc)) from None
         tracker = None
@@ -89,7 +101,7 @@ def run_workload(
             data_hash = (
                 prepared.manifest.get("cache_key") or prepared.manifest["source_fingerprint"]
             )
-            run_dir = Path(_local_dir(f"{_storage(spec.train.storage_path)}/{name}"))
+            run_dir = Path(local_dir(f"{storage_uri(spec.train.storage_path)}/{name}"))
             try:
                 tracker = Tracker.start(spec, name, data_hash, run_dir)
             except TrackingError as exc:
@@ -118,7 +130,7 @@ def data_info(spec: WorkloadSpec, prepared: PreparedData) -> DataInfo:
     return DataInfo(num_classes=model_classes or num_classes, channels=channels)
 
 
-def _check_plan(spec: WorkloadSpec, info: DataInfo, on_this_machine: bool) -> None:
+def check_plan(spec: WorkloadSpec, info: DataInfo, on_this_machine: bool) -> None:
     """Checks against the Ray on this machine; a cluster's fit (autoscaling nodes, GPU memory)
     cannot be judged from its current resources, so no check refuses it here."""
     import ray
@@ -150,12 +162,64 @@ def _fit(
     tracker: Any,
 ) -> RunResult:
     import ray.train
-    from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
     from orchestrator.progress import ProgressCallback, ProgressPrinter
 
-    storage = _storage(spec.train.storage_path)
+    storage = storage_uri(spec.train.storage_path)
+    config = loop_config(spec, prepared, info)
+    _check_existing_checkpoints(storage, name, spec, config["model_config_hash"])
+    channel = Queue(actor_options={"num_cpus": 0})
+    trainer = build_trainer(
+        spec, prepared, config, name=name, storage=storage, callbacks=[ProgressCallback(channel)]
+    )
+    log(f"training {name}: {spec.scaling.num_workers} worker(s), run directory {storage}/{name}")
+
+    def show(event: dict[str, Any]) -> None:
+        on_progress(event)
+        if tracker is not None:
+            tracker.log_event(event)
+
+    with ProgressPrinter(channel, show) as printer:
+        try:
+            result = trainer.fit()
+        except (ray.train.TrainingFailedError, KeyboardInterrupt) as exc:
+            error = explain(exc) if isinstance(exc, ray.train.TrainingFailedError) else exc
+            failed = True
+        else:
+            failed = False
+    if failed:
+        if tracker is not None:
+            for note in tracker.finish(
+                "FAILED" if not isinstance(error, KeyboardInterrupt) else "KILLED", None, None
+            ):
+                log(note)
+        raise error
+    history = printer.events
+    model_dir = export_final(result, config, spec)
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    notes = tracker.finish("FINISHED", model_dir, checkpoint) if tracker is not None else []
+    return RunResult(
+        name=name,
+        path=result.path,
+        metrics=history[-1] if history else (result.metrics or {}),
+        checkpoint=checkpoint,
+        model_dir=model_dir,
+        seconds=time.monotonic() - started,
+        history=history,
+        mlflow_run_id=tracker.run_id if tracker is not None else None,
+        notes=notes,
+    )
+
+
+def loop_config(
+    spec: WorkloadSpec, prepared: PreparedData, info: DataInfo, initial_checkpoint: Any = None
+) -> dict[str, Any]:
+    """The plain config each worker gets (re-validated there); RunError if the data cannot serve.
+
+    `initial_checkpoint` (a ray.train.Checkpoint) starts a new run from another run's weights;
+    the run's own checkpoints still come first when it restarts.
+    """
     data = {
         "kind": prepared.kind,
         "train_rows": prepared.manifest["splits"]["train"]["rows"],
@@ -176,19 +240,34 @@ def _fit(
             f"batch ({spec.train.micro_batch_size} x {workers} workers x {accum} accumulation); "
             "use more data or smaller batches"
         )
-    loop_config = {
+    return {
         "model": spec.model.model_dump(mode="json"),
         "train": spec.train.model_dump(mode="json"),
         "deepspeed": spec.deepspeed.model_dump(mode="json") if spec.deepspeed else None,
         "data": data,
         "data_info": info.__dict__,
         "model_config_hash": config_hash(spec.model, info),
+        "initial_checkpoint": initial_checkpoint,
     }
-    _check_existing_checkpoints(storage, name, spec, loop_config["model_config_hash"])
-    channel = Queue(actor_options={"num_cpus": 0})
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
+
+
+def build_trainer(
+    spec: WorkloadSpec,
+    prepared: PreparedData,
+    config: dict[str, Any],
+    *,
+    name: str,
+    storage: str,
+    callbacks: list[Any],
+    loop: Callable[[dict[str, Any]], None] = train_loop,
+) -> Any:
+    """The TorchTrainer of one run: `orch run`'s, or one sweep trial's (`loop` wraps the loop)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        loop,
+        train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.scaling.num_workers,
             use_gpu=spec.scaling.use_gpu,
@@ -200,59 +279,23 @@ def _fit(
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=spec.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
-            callbacks=[ProgressCallback(channel)],
+            callbacks=callbacks,
         ),
         datasets=open_splits(prepared, seed=spec.train.seed, shuffle=spec.data.shuffle_buffer > 0),
         dataset_config=ingest_config(),
     )
-    log(f"training {name}: {spec.scaling.num_workers} worker(s), run directory {storage}/{name}")
 
-    def show(event: dict[str, Any]) -> None:
-        on_progress(event)
-        if tracker is not None:
-            tracker.log_event(event)
 
-    with ProgressPrinter(channel, show) as printer:
-        try:
-            result = trainer.fit()
-        except (ray.train.TrainingFailedError, KeyboardInterrupt) as exc:
-            error = _explain(exc) if isinstance(exc, ray.train.TrainingFailedError) else exc
-            failed = True
-        else:
-            failed = False
-    if failed:
-        if tracker is not None:
-            for note in tracker.finish(
-                "FAILED" if not isinstance(error, KeyboardInterrupt) else "KILLED", None, None
-            ):
-                log(note)
-        raise error
-    history = printer.events
-    model_dir = None
-    if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as directory:
-            model_dir = export_model(
-                directory,
-                os.path.join(_local_dir(result.path), "model"),
-                {
-                    "model": loop_config["model"],
-                    "data": loop_config["data_info"],
-                    "task": spec.model.kind,
-                },
-            )
-    checkpoint = result.checkpoint.path if result.checkpoint else None
-    notes = tracker.finish("FINISHED", model_dir, checkpoint) if tracker is not None else []
-    return RunResult(
-        name=name,
-        path=result.path,
-        metrics=history[-1] if history else (result.metrics or {}),
-        checkpoint=checkpoint,
-        model_dir=model_dir,
-        seconds=time.monotonic() - started,
-        history=history,
-        mlflow_run_id=tracker.run_id if tracker is not None else None,
-        notes=notes,
-    )
+def export_final(result: Any, config: dict[str, Any], spec: WorkloadSpec) -> str | None:
+    """Export the run's last checkpoint as a plain fp32 model next to it; None without one."""
+    if result.checkpoint is None:
+        return None
+    with result.checkpoint.as_directory() as directory:
+        return export_model(
+            directory,
+            os.path.join(local_dir(result.path), "model"),
+            {"model": config["model"], "data": config["data_info"], "task": spec.model.kind},
+        )
 
 
 def _check_existing_checkpoints(
@@ -292,17 +335,17 @@ def _check_existing_checkpoints(
         return
 
 
-def _storage(path: str) -> str:
+def storage_uri(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-def _local_dir(path: str) -> str:
+def local_dir(path: str) -> str:
     if "://" in path:  # remote storage: export next to the working directory instead
         return os.path.abspath(os.path.join("orch_exports", path.rstrip("/").split("/")[-1]))
     return path
 
 
-def _explain(exc: Exception) -> Exception:
+def explain(exc: Exception) -> Exception:
     """User mistakes found on a worker become RunError; anything else is a training failure."""
     failures = getattr(exc, "worker_failures", {}) or {}
     for error in failures.values():

@@ -36,6 +36,8 @@ __all__ = [
     "TuneSpec",
     "WorkloadSpec",
     "parse_condition",
+    "reported_metrics",
+    "sample_errors",
     "workload_schema",
 ]
 
@@ -396,10 +398,12 @@ class Domain(Section):
 
 class TuneSchedulerSpec(Section):
     kind: Literal["fifo", "asha", "pbt"] = Field("fifo", description="Trial scheduler.")
-    grace_period: PositiveInt = Field(1, description="ASHA: reports before a trial can stop.")
+    grace_period: PositiveInt = Field(
+        1, description="ASHA: reports of the metric (evaluations) before a trial can be stopped."
+    )
     reduction_factor: float = Field(2.0, gt=1, description="ASHA: halving rate.")
     perturbation_interval: PositiveInt = Field(
-        2, description="PBT: reports between exploit/explore."
+        2, description="PBT: checkpoints (each with the metric) between exploit/explore."
     )
 
 
@@ -428,6 +432,17 @@ class TuneSpec(Section):
                 for p, k in kinds.items()
                 if k == "grid"
             ]
+        if self.search == "optuna":
+            # Optuna's categorical distributions hold scalars only.
+            problems += [
+                (("space", p), "optuna choices must be numbers, strings, booleans or null")
+                for p, d in self.space.items()
+                if d.choice and not all(_is_scalar(v) for v in d.choice)
+            ]
+            if self.scheduler.kind == "pbt":
+                problems.append(
+                    (("search",), "pbt picks the configs itself; use search random or grid")
+                )
         if self.search == "grid":
             problems += [
                 (("space", p), f"search 'grid' needs grid domains, got {k}")
@@ -578,14 +593,13 @@ class WorkloadSpec(Section):
 
     def _tune_problems(self, tune: TuneSpec) -> list[tuple[tuple[str, ...], str]]:
         problems = []
-        dumped = self.model_dump()
+        dumped = self.model_dump(mode="json")
         for path in tune.space:
+            where = ("tune", "space", path)
             if not _has_path(dumped, path.split(".")):
-                problems.append(
-                    (("tune", "space", path), "no such field in the workload to search over")
-                )
-            elif path.split(".")[0] in ("name", "tune"):
-                problems.append((("tune", "space", path), "this field cannot be searched"))
+                problems.append((where, _no_such_path(path, dumped)))
+            elif (why := _unsearchable(path, tune.scheduler.kind)) is not None:
+                problems.append((where, why))
         if tune.scheduler.kind == "pbt" and self.train.checkpoint_every is None:
             problems.append(
                 (
@@ -593,7 +607,178 @@ class WorkloadSpec(Section):
                     "pbt restores from checkpoints: set train.checkpoint_every",
                 )
             )
+        elif tune.scheduler.kind == "pbt" and tune.metric.startswith("eval_"):
+            every, saved = self.train.eval_every, self.train.checkpoint_every or 0
+            if not every or saved % every:
+                problems.append(
+                    (
+                        ("train", "eval_every"),
+                        f"pbt compares trials at their checkpoints, which must carry "
+                        f"{tune.metric}: set eval_every to a divisor of train.checkpoint_every "
+                        f"({saved})",
+                    )
+                )
+        reported = reported_metrics(self.model)
+        if tune.metric not in reported:
+            problems.append(
+                (
+                    ("tune", "metric"),
+                    f"{tune.metric!r} is not a metric this model reports; one of: "
+                    + ", ".join(reported),
+                )
+            )
+        if not problems:  # values are only worth checking on paths that can be searched
+            del dumped["tune"]
+            problems += _value_problems(dumped, tune.space)
         return problems
+
+    def sampled(self, values: dict[str, Any]) -> WorkloadSpec:
+        """This workload with `values` (dotted path -> value) set and no tune section.
+
+        Raises pydantic's ValidationError when a value does not fit; `sample_errors` words it.
+        """
+        dumped = self.model_dump(mode="json", exclude={"tune"})
+        return WorkloadSpec.model_validate(_with_values(dumped, values))
+
+
+def reported_metrics(model: Any) -> tuple[str, ...]:
+    """The metrics the training loop reports for a model (what a sweep can optimize)."""
+    task = {"bert_mlm": "masked_lm", "gpt_lm": "causal_lm"}.get(
+        model.kind, getattr(model, "task", "classification")
+    )
+    train = ("loss", "samples_per_s", "step_time_s", "data_wait_share")
+    if task == "classification":
+        return (*train, "eval_loss", "eval_accuracy", "eval_precision", "eval_recall", "eval_f1")
+    return (*train, "tokens_per_s", "eval_loss", "eval_accuracy", "eval_perplexity")
+
+
+# Data fields read when the data is streamed, not when it is prepared: a sweep prepares the
+# data once and shares it, so only these can differ between trials.
+STREAM_DATA_FIELDS = ("mlm_probability", "shuffle_buffer", "augment")
+
+
+def _unsearchable(path: str, scheduler: str) -> str | None:
+    """Why a field that exists cannot be a search dimension, or None when it can."""
+    top, _, rest = path.partition(".")
+    if top in ("name", "tune", "tracking", "cluster") or path == "train.storage_path":
+        return "this field cannot be searched: it names, tracks or places the sweep"
+    if top == "data" and rest.split(".")[0] not in STREAM_DATA_FIELDS:
+        allowed = ", ".join(f"data.{f}" for f in STREAM_DATA_FIELDS)
+        return (
+            "the data is prepared once and shared by every trial, so this field cannot be "
+            f"searched; of data, only {allowed} can"
+        )
+    if scheduler == "pbt" and top != "train" and path not in ("model.dropout",):
+        return (
+            "pbt copies weights between trials, so it can only search fields that keep the "
+            "model and its layout: train.*, model.dropout, "
+            + ", ".join(f"data.{f}" for f in STREAM_DATA_FIELDS)
+        )
+    return None
+
+
+def _no_such_path(path: str, dumped: dict[str, Any]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(path, sorted(_leaf_paths(dumped)), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"no such field in the workload to search over{hint}"
+
+
+def _leaf_paths(value: Any, prefix: str = "") -> list[str]:
+    if isinstance(value, dict) and value:
+        return [p for k, v in value.items() for p in _leaf_paths(v, f"{prefix}{k}.")]
+    return [prefix[:-1]]
+
+
+def _value_problems(
+    dumped: dict[str, Any], space: dict[str, Domain]
+) -> list[tuple[tuple[str, ...], str]]:
+    """Values of the space that no trial could run with, found before any trial starts.
+
+    Each candidate (every choice and grid value, the ends of each range) is tried with the
+    other dimensions' candidates too: a value is refused only when it fails in every tried
+    combination, since a field can be valid only together with another searched field.
+    """
+    import itertools
+
+    candidates = {path: _candidates(domain) for path, domain in space.items()}
+    problems = []
+    for path, values in candidates.items():
+        others = [(p, [v for v, _ in c]) for p, c in candidates.items() if p != path]
+        combos = list(itertools.islice(itertools.product(*(v for _, v in others)), 16))
+        for value, label in values:
+            errors: list[str] = []
+            for combo in combos:
+                sample = {path: value} | {p: v for (p, _), v in zip(others, combo, strict=True)}
+                try:
+                    WorkloadSpec.model_validate(_with_values(dumped, sample))
+                except ValueError as exc:  # pydantic's ValidationError is a ValueError
+                    errors = errors or sample_errors(exc)
+                else:
+                    errors = []
+                    break
+            if errors:
+                problems.append((("tune", "space", path), f"{label}: {errors[0]}"))
+                break  # one bad value per dimension says enough
+    return problems
+
+
+def _candidates(domain: Domain) -> list[tuple[Any, str]]:
+    """Values to check for a domain, with how to name each in an error."""
+    import math
+
+    if domain.choice is not None or domain.grid is not None:
+        return [(v, f"value {v!r} is invalid") for v in (domain.choice or domain.grid or [])]
+    if domain.randint is not None:
+        low, high = domain.randint
+        return [
+            (low, f"low bound {low} is invalid"),
+            (high - 1, f"{high - 1} (high - 1) is invalid"),
+        ]
+    low, high = domain.loguniform or domain.uniform or (0.0, 0.0)
+    # Sampling never returns `high` itself, but values just below it.
+    return [
+        (low, f"low bound {low!r} is invalid"),
+        (math.nextafter(high, low), f"values near the high bound {high!r} are invalid"),
+    ]
+
+
+def _with_values(dumped: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    import copy
+
+    out = copy.deepcopy(dumped)
+    for path, value in values.items():
+        *parents, last = path.split(".")
+        node = out
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return out
+
+
+def sample_errors(exc: ValueError) -> list[str]:
+    """A failed validation of a sampled workload as 'field: what is wrong' lines."""
+    errors = getattr(exc, "errors", None)
+    if errors is None:
+        return [str(exc)]
+    out = []
+    for err in errors(include_url=False):
+        # Discriminator tags (the model kind) appear in locations; they are not fields.
+        loc = [str(p) for p in err["loc"] if p not in MODEL_KINDS]
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, SpecFieldError):
+            out += [".".join([*loc, *rel]) + f": {msg}" for rel, msg in cause.problems]
+            continue
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] != "value_error" and _is_scalar(err.get("input")):
+            message += f" (got {err['input']!r})"
+        out.append(f"{'.'.join(loc)}: {message}" if loc else message)
+    return out
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
 
 
 def _has_path(dumped: Any, parts: list[str]) -> bool:

@@ -107,6 +107,27 @@ def _quick_requests(timeout: int, retries: int) -> Iterator[None]:
 
 
 @contextmanager
+def _fluent_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (needed by log_model) at `uri`, for this block only.
+
+    `mlflow.set_tracking_uri` also sets $MLFLOW_TRACKING_URI for the whole process; left set, the
+    next run in the same process (a sweep after a run, a test after a test) would silently track
+    to this server instead of its own default.
+    """
+    import mlflow
+
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    saved = mlflow.get_tracking_uri() if saved_env is not None else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved)  # None also unsets the env var
+        if saved_env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+@contextmanager
 def _quiet(logger: str) -> Iterator[None]:
     """MLflow narrates model logging at INFO and WARNING; orch prints the outcome itself."""
     import logging
@@ -123,9 +144,18 @@ def _quiet(logger: str) -> Iterator[None]:
 class Tracker:
     """One MLflow run for one `orch run`; the same run name continues the same MLflow run."""
 
-    def __init__(self, client: Any, uri: str, run_id: str, settings: MLflowSpec, fallback: Path):
+    def __init__(
+        self,
+        client: Any,
+        uri: str,
+        run_id: str,
+        settings: MLflowSpec,
+        fallback: Path,
+        experiment_id: str = "",
+    ):
         self.client, self.uri, self.run_id, self.settings = client, uri, run_id, settings
         self.fallback = fallback
+        self.experiment_id = experiment_id
         self.pending: list[dict[str, Any]] = []
         self.last: dict[str, Any] = {}
 
@@ -152,11 +182,41 @@ class Tracker:
                 f"{_first_line(exc)}; check tracking.mlflow.tracking_uri (and MLFLOW_TRACKING_"
                 "USERNAME/PASSWORD for a server with auth), or run with --no-tracking"
             ) from None
-        return cls(client, uri, run_id, settings, run_dir / PENDING)
+        return cls(client, uri, run_id, settings, run_dir / PENDING, experiment_id)
+
+    def child(
+        self, run_name: str, spec: WorkloadSpec, data_hash: str, run_dir: Path, tags: dict[str, str]
+    ) -> Tracker:
+        """A run nested under this one (a sweep's trial), continued when it exists already.
+
+        Raises TrackingError when the server does not answer.
+        """
+        try:
+            with _quick_requests(timeout=5, retries=0):
+                run_id = self._find_or_create_run(
+                    self.client,
+                    self.experiment_id,
+                    run_name,
+                    spec,
+                    data_hash,
+                    tags | {"mlflow.parentRunId": self.run_id},
+                )
+        except Exception as exc:
+            raise TrackingError(
+                f"tracking: cannot create the run of {run_name}: {_first_line(exc)}"
+            ) from None
+        return Tracker(
+            self.client, self.uri, run_id, self.settings, run_dir / PENDING, self.experiment_id
+        )
 
     @staticmethod
     def _find_or_create_run(
-        client: Any, experiment_id: str, run_name: str, spec: WorkloadSpec, data_hash: str
+        client: Any,
+        experiment_id: str,
+        run_name: str,
+        spec: WorkloadSpec,
+        data_hash: str,
+        extra_tags: dict[str, str] | None = None,
     ) -> str:
         found = client.search_runs(
             [experiment_id], filter_string=f"tags.`orch.run_name` = '{run_name}'", max_results=1
@@ -164,8 +224,11 @@ class Tracker:
         if found:  # a resumed run continues its MLflow run
             run_id = found[0].info.run_id
             client.update_run(run_id, status="RUNNING")
+            # `orch submit` creates the run before the data is prepared on the cluster.
+            client.set_tag(run_id, "orch.data_hash", data_hash)
             return run_id
-        run = client.create_run(experiment_id, run_name=run_name, tags=_tags(run_name, data_hash))
+        tags = _tags(run_name, data_hash) | (extra_tags or {})
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
         run_id = run.info.run_id
         _log_params(client, run_id, flatten(spec.model_dump(mode="json")))
         client.log_text(
@@ -204,6 +267,26 @@ class Tracker:
         return True
 
     # ------------------------------------------------------------------ at the end
+    def log_summary(
+        self, metrics: dict[str, float], tags: dict[str, str], texts: dict[str, str]
+    ) -> list[str]:
+        """A sweep's outcome on its parent run: best metrics, tags and text artifacts."""
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        try:
+            with _quick_requests(timeout=10, retries=1):
+                self.client.log_batch(
+                    self.run_id,
+                    metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                    tags=[RunTag(k, v) for k, v in tags.items()],
+                )
+                for name, text in texts.items():
+                    self.client.log_text(self.run_id, text, name)
+        except Exception as exc:
+            return [f"tracking: could not log the sweep's summary: {_first_line(exc)}"]
+        return []
+
     def finish(self, status: str, model_dir: str | None, checkpoint_dir: str | None) -> list[str]:
         """Flush, log artifacts and the model, register it if promoted; return notes to show."""
         notes = []
@@ -258,10 +341,9 @@ class Tracker:
             )
         promote, reason = promotion(self.settings.promote_if, self.last)
         register = self.settings.register_as if promote else None
-        mlflow.set_tracking_uri(self.uri)
         # orch's code travels with the model, so it loads where orch is not installed.
         code = [str(Path(orchestrator.__file__).parent)]
-        with mlflow.start_run(run_id=self.run_id), _quiet("mlflow"):
+        with _fluent_uri(self.uri), mlflow.start_run(run_id=self.run_id), _quiet("mlflow"):
             mlflow.pytorch.log_model(
                 model,
                 name="model",

@@ -38,6 +38,7 @@ class LoopConfig:
     data: dict[str, Any]  # manifest facts + mlm_probability, shuffle_buffer, augment
     data_info: DataInfo
     model_config_hash: str
+    initial_checkpoint: Any = None  # a ray.train.Checkpoint of another run to start from
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> LoopConfig:
@@ -48,6 +49,7 @@ class LoopConfig:
             data=raw["data"],
             data_info=DataInfo(**raw["data_info"]),
             model_config_hash=raw["model_config_hash"],
+            initial_checkpoint=raw.get("initial_checkpoint"),
         )
 
 
@@ -85,7 +87,9 @@ def train_loop(raw_config: dict[str, Any]) -> None:
     )
 
     step, start_epoch, skip = 0, 0, 0
-    checkpoint = ray.train.get_checkpoint()
+    # The run's own checkpoint (a restart) wins over the one it was started from (a sweep's
+    # PBT exploit); both pass the same manifest check.
+    checkpoint = ray.train.get_checkpoint() or cfg.initial_checkpoint
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             saved = read_manifest(directory)

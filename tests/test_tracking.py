@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import MlflowServer
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -26,65 +21,9 @@ from orchestrator.tracking import promotion
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
 
 
-class MlflowServer:
-    """`mlflow server` as a subprocess on a loopback port; can be stopped and started again."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                "1",
-                "--backend-store-uri",
-                f"sqlite:///{self.root / 'mlflow.db'}",
-                "--artifacts-destination",
-                str(self.root / "artifacts"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError("mlflow server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its worker processes
-            self.proc.wait()
-        self.proc = None
-
-
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[MlflowServer]:
-    srv = MlflowServer(tmp_path / "mlflow")
-    srv.root.mkdir()
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
+def server(mlflow_server: MlflowServer) -> MlflowServer:
+    return mlflow_server
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +81,10 @@ def test_run_is_recorded_and_model_registered(
             "promote_if": "eval_accuracy >= 0.0 and eval_loss < 100",
         },
     )
+    default = os.environ.get("MLFLOW_TRACKING_URI")
     result = run_workload(spec)
+    # The process's default store is as it was: the next run here must not track to this server.
+    assert os.environ.get("MLFLOW_TRACKING_URI") == default
     client = MlflowClient(tracking_uri=server.uri)
     run = client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
@@ -169,8 +111,8 @@ def test_run_is_recorded_and_model_registered(
     assert len(versions) == 1 and versions[0].run_id == run.info.run_id
     import mlflow
 
-    mlflow.set_tracking_uri(server.uri)
-    model = mlflow.pytorch.load_model("models:/mnist-cnn/1")
+    local = mlflow.artifacts.download_artifacts("models:/mnist-cnn/1", tracking_uri=server.uri)
+    model = mlflow.pytorch.load_model(local)
     import torch
 
     assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)

@@ -1,0 +1,18 @@
+"""Ray jobs: `orch submit` and the job lifecycle (status, logs, stop, list) on a cluster."""
+
+from orchestrator.jobs.connect import Cluster, JobsError, connect
+from orchestrator.jobs.lifecycle import JobStatus, follow_logs, job_status, list_jobs, stop_job
+from orchestrator.jobs.submit import Submission, submit
+
+__all__ = [
+    "Cluster",
+    "JobStatus",
+    "JobsError",
+    "Submission",
+    "connect",
+    "follow_logs",
+    "job_status",
+    "list_jobs",
+    "stop_job",
+    "submit",
+]

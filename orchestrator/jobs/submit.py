@@ -1,0 +1,189 @@
+"""`orch submit`: check the workload against the cluster, then run it there as a Ray job.
+
+The job's entrypoint is `python -m orchestrator job-run`, which runs the resolved workload (sent
+in the job's environment, so `extends` files and `--set` overrides need not exist on the
+cluster) through the same code as `orch run`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shlex
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator import __version__
+from orchestrator.jobs.connect import Cluster, JobsError, connect
+from orchestrator.jobs.fit import Unschedulable, check_fit, worker_resources
+from orchestrator.jobs.upload import build_runtime_env
+from orchestrator.spec import WorkloadSpec
+
+__all__ = ["Submission", "submit"]
+
+ENTRYPOINT = "python -m orchestrator job-run"
+
+
+@dataclass
+class Submission:
+    job_id: str
+    dashboard: str  # the job's page in the Ray dashboard
+    cluster: Cluster
+    mlflow_run_id: str | None = None
+    notes: list[str] = field(default_factory=list)  # warnings worth showing before the logs
+
+
+def submit(
+    spec: WorkloadSpec,
+    *,
+    address: str | None = None,
+    name: str | None = None,
+    allow_insecure: bool = False,
+    fit_check: bool = True,
+    tracking: bool = True,
+    working_dir: Path | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> Submission:
+    """Submit `spec` as a Ray job; raise JobsError (with what to do) when it cannot go."""
+    name = name or spec.name
+    _check_shared_paths(spec)
+    cluster = connect(address, spec.cluster.address, allow_insecure)
+    notes = [] if cluster.authenticated else ["the cluster accepts unauthenticated jobs"]
+    if fit_check:
+        notes += _check_fit(cluster, spec)
+    notes += _placement_notes(spec, tracking)
+    workload_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    upload = build_runtime_env(spec, workload_yaml, working_dir or Path.cwd())
+    log(
+        f"uploading {upload.runtime_env['working_dir']}: {upload.files} files, "
+        f"{upload.size_bytes / 2**20:.1f} MiB"
+    )
+    _quiet_ray_client()
+    tracker = _start_tracking(spec, name) if tracking and spec.tracking.mlflow.enabled else None
+    job_id = f"orch-{name}-{secrets.token_hex(4)}"
+    entrypoint = f"{ENTRYPOINT} --name {shlex.quote(name)}" + ("" if tracking else " --no-tracking")
+    metadata = {"orch.workload": spec.name, "orch.run": name, "orch.version": __version__}
+    if tracker is not None:
+        metadata["orch.mlflow_run"] = tracker.run_id
+    try:
+        cluster.jobs.submit_job(
+            entrypoint=entrypoint,
+            submission_id=job_id,
+            runtime_env=upload.runtime_env,
+            metadata=metadata,
+        )
+    except Exception as exc:  # the Jobs API reports runtime-env and upload problems as text
+        if tracker is not None:
+            tracker.client.set_terminated(tracker.run_id, status="FAILED")
+        raise JobsError(f"the cluster at {cluster.url} refused the job: {exc}") from None
+    return Submission(
+        job_id=job_id,
+        dashboard=cluster.job_url(job_id),
+        cluster=cluster,
+        mlflow_run_id=tracker.run_id if tracker is not None else None,
+        notes=notes,
+    )
+
+
+def cluster_nodes(cluster: Cluster) -> list[dict[str, float]]:
+    """Total resources of each alive node."""
+    from ray.util.state.common import ListApiOptions, StateResource
+
+    nodes = cluster.state().list(
+        StateResource.NODES,
+        ListApiOptions(detail=True, filters=[("state", "=", "ALIVE")]),
+        raise_on_missing_output=False,
+    )
+    return [dict(node.resources_total or {}) for node in nodes]
+
+
+def _check_fit(cluster: Cluster, spec: WorkloadSpec) -> list[str]:
+    try:
+        check_fit(spec.scaling, worker_resources(spec.scaling), cluster_nodes(cluster))
+    except Unschedulable as exc:
+        if _autoscales(cluster):
+            return [f"the cluster cannot run this yet ({exc}); its autoscaler has to add nodes"]
+        raise JobsError(
+            f"the cluster at {cluster.url} can never schedule this workload: {exc}. Change "
+            "scaling (num_workers, resources_per_worker, use_gpu, placement_strategy), or pass "
+            "--no-fit-check if nodes will join"
+        ) from None
+    return []
+
+
+def _autoscales(cluster: Cluster) -> bool:
+    """Whether an autoscaler with node types of its own manages the cluster.
+
+    Ray names the nodes of a cluster without one (`ray start`) `node_<id>` in the autoscaler's
+    report; the cluster launcher and KubeRay use the node types of their config.
+    """
+    import requests
+
+    try:
+        response = requests.get(
+            f"{cluster.url}/api/cluster_status", headers=cluster.headers, timeout=10
+        )
+        report = response.json()["data"]["clusterStatus"]["autoscalerReport"]
+    except (requests.RequestException, ValueError, KeyError, TypeError):
+        return False
+    mapping: dict[str, str] = report.get("nodeTypeMapping") or {}
+    return bool(report.get("pendingLaunches")) or any(
+        node_type != f"node_{node_id}" for node_id, node_type in mapping.items()
+    )
+
+
+def _check_shared_paths(spec: WorkloadSpec) -> None:
+    """Refuse relative storage on a cluster: it would land in the job's working directory on
+    the head node, which Ray deletes with the job's session and other nodes cannot read."""
+    for field_name, value, example in (
+        ("train.storage_path", spec.train.storage_path, "s3://bucket/orch-runs"),
+        ("data.cache_dir", spec.data.cache_dir, "s3://bucket/orch-data"),
+    ):
+        if "://" not in value and not Path(value).is_absolute():
+            raise JobsError(
+                f"{field_name} is {value!r}, a relative path: on a cluster it must be storage "
+                f"that every node reaches and that outlives the job, e.g. {example} or a shared "
+                f"filesystem path (--set {field_name}=/mnt/shared/...)"
+            )
+
+
+def _placement_notes(spec: WorkloadSpec, tracking: bool) -> list[str]:
+    mlflow = spec.tracking.mlflow
+    if tracking and mlflow.enabled and not mlflow.tracking_uri:
+        return [
+            "tracking.mlflow.tracking_uri is not set: the job records to an mlflow.db in its "
+            "working directory on the cluster; set an MLflow server URI to keep the run"
+        ]
+    return []
+
+
+def _quiet_ray_client() -> None:
+    """Ray's client narrates packaging file by file; orch prints one line about the upload."""
+    import logging
+
+    for logger in (
+        "ray._private.runtime_env.packaging",
+        "ray._private.runtime_env.working_dir",
+        "ray.dashboard.modules.dashboard_sdk",
+        "ray.dashboard.modules.job.sdk",
+    ):
+        logging.getLogger(logger).setLevel(logging.WARNING)
+
+
+def _start_tracking(spec: WorkloadSpec, name: str) -> Any:
+    """Create the MLflow run now, so its id is known at once and a bad server fails here; the
+    job continues the same run (runs are found by run name) and records the data hash."""
+    if not spec.tracking.mlflow.tracking_uri:
+        return None
+    from orchestrator.tracking import Tracker, TrackingError
+
+    try:
+        tracker = Tracker.start(spec, name, "pending", Path(tempfile.gettempdir()))
+    except TrackingError as exc:
+        raise JobsError(str(exc)) from None
+    tracker.client.update_run(tracker.run_id, status="SCHEDULED")
+    return tracker

@@ -1,0 +1,314 @@
+"""The sweep driver: prepare the data once, check the plan, run a Ray Tune sweep of Train runs.
+
+`orch tune` and `orch run` (for a workload with a `tune` section) call `run_sweep`. The sweep
+lives in `train.storage_path/<name>`: Tune's experiment state, one directory per trial (its
+Train runs, checkpoints and exported model), `orch_sweep.yaml` (the workload it was started
+with, checked on resume) and `best_workload.yaml` (the best trial as a workload to run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.run import RunError, TrainingFailed
+from orchestrator.spec import WorkloadSpec
+from orchestrator.tune.observe import SweepObserver, register, unregister
+from orchestrator.tune.results import SweepResult, finish, row
+from orchestrator.tune.trial import TRIAL_CPU, TrialSetup
+
+__all__ = ["SweepInterrupted", "run_sweep"]
+
+SWEEP_SPEC = "orch_sweep.yaml"
+
+
+class SweepInterrupted(TrainingFailed):
+    """The sweep was stopped (Ctrl-C) before its trials ended; it can be resumed."""
+
+
+DATA_CPU_RESERVE = 1.0  # a Ray Data read task takes a whole CPU; the trials' reads share it
+
+
+def run_sweep(
+    spec: WorkloadSpec,
+    *,
+    address: str | None = None,
+    name: str | None = None,
+    resume: bool | None = None,
+    verbose: bool = False,
+    tracking: bool = True,
+    log: Callable[[str], None] = lambda _: None,
+) -> SweepResult:
+    """Run (or with `resume`, continue) the sweep of a workload's `tune` section.
+
+    resume: True continues an existing sweep, False refuses one, None continues it if it
+    exists (what `orch run` does, as it does for runs).
+    """
+    from orchestrator.ray_session import ray_session
+    from orchestrator.run import local_dir, storage_uri
+
+    if spec.tune is None:
+        raise RunError("the workload has no tune section; use orch run")
+    started = time.monotonic()
+    name = name or spec.name
+    with ray_session(address, verbose):
+        prepared, info = _prepare_and_check(spec, address, verbose, log)
+        concurrency = _concurrency(spec, on_this_machine=address is None)
+        path = f"{storage_uri(spec.train.storage_path)}/{name}"
+        local = Path(local_dir(path))
+        restoring = _check_sweep_dir(path, spec, resume)
+        data_hash = prepared.manifest.get("cache_key") or prepared.manifest["source_fingerprint"]
+        parent = _start_tracking(spec, name, data_hash, local) if tracking else None
+        if parent is not None:
+            log(f"tracking: MLflow run {parent.run_id} (one nested run per trial)")
+        observer = SweepObserver(spec, name, parent, data_hash, local, log)
+        setup = TrialSetup(spec=spec, prepared=prepared, info=info, sweep_path=path, janitor=None)
+        log(
+            f"{'resuming' if restoring else 'starting'} sweep {name}: {concurrency} trial(s) "
+            f"at a time, in {path}"
+        )
+        grid = _fit(setup, observer, concurrency, restoring, verbose)
+        if unfinished := _unfinished(path):
+            raise SweepInterrupted(
+                f"sweep {name} stopped with {unfinished} trial(s) unfinished; its state is "
+                "saved: continue it with orch tune FILE --resume"
+            )
+        rows = [row(result, spec.tune.metric, spec.tune.space) for result in grid]
+    seconds = time.monotonic() - started
+    return finish(spec, name, path, local, rows, parent, observer.notes, seconds)
+
+
+def _prepare_and_check(
+    spec: WorkloadSpec, address: str | None, verbose: bool, log: Callable[[str], None]
+) -> tuple[Any, Any]:
+    """The data every trial shares, prepared once; RunError for what no trial could run."""
+    from orchestrator.data import DataError, prepare
+    from orchestrator.models import ModelError, resolve_custom
+    from orchestrator.plan import PlanError
+    from orchestrator.run import check_plan, data_info, loop_config
+
+    assert spec.tune is not None
+    try:
+        if spec.model.kind == "custom":
+            resolve_custom(spec.model.build)
+        prepared = prepare(spec.data, log=log, ray_address=address, verbose=verbose)
+        info = data_info(spec, prepared)
+        check_plan(spec, info, on_this_machine=address is None)
+    except DataError as exc:
+        raise RunError(f"data: {exc}") from None
+    except (PlanError, ModelError) as exc:
+        raise RunError(str(exc)) from None
+    loop_config(spec, prepared, info)  # the base workload must fit the data
+    if spec.tune.metric.startswith("eval_") and not prepared.files("eval"):
+        raise RunError(f"tune.metric: {spec.tune.metric} needs eval data, and there is none")
+    return prepared, info
+
+
+def _fit(
+    setup: TrialSetup, observer: SweepObserver, concurrency: int, restoring: bool, verbose: bool
+) -> Any:
+    """Run (or restore and continue) the Tuner; free what stopped trials held, however it ends."""
+    import ray
+
+    from orchestrator.tune.janitor import PlacementGroupJanitor
+
+    janitor = PlacementGroupJanitor.remote()  # type: ignore[attr-defined]
+    observer.janitor = janitor
+    setup = dataclasses.replace(setup, janitor=janitor)
+    register(setup.sweep_path, observer)
+    try:
+        with _quiet_tune(verbose):
+            return _tuner(setup, concurrency, restoring, verbose).fit()
+    finally:
+        unregister(setup.sweep_path)
+        ray.get(janitor.collect.remote())  # before this Ray runs anything else
+        ray.kill(janitor)
+
+
+def _unfinished(path: str) -> int:
+    """Trials a stopped sweep (Ctrl-C) left to resume.
+
+    Tune ends such a sweep and returns like a finished one; the state it saved just before
+    stopping the trials still has them running or waiting.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    trials = ExperimentAnalysis(path).trials
+    return sum(t.status in ("RUNNING", "PENDING", "PAUSED") for t in trials)
+
+
+@contextlib.contextmanager
+def _quiet_tune(verbose: bool) -> Iterator[None]:
+    """orch prints one line per trial event and the table; without --verbose, Tune prints
+    nothing itself: no status tables, and no tracebacks of failed trials (a trial's error is
+    its line in the table; the whole traceback is in its directory's error.txt)."""
+    if verbose:
+        yield
+        return
+    tune_log = logging.getLogger("ray.tune")
+    level, saved = tune_log.level, os.environ.get("RAY_AIR_NEW_OUTPUT")
+    tune_log.setLevel(logging.CRITICAL)
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the classic reporter, silent at verbose 0
+    try:
+        yield
+    finally:
+        tune_log.setLevel(level)
+        if saved is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = saved
+
+
+def _tuner(setup: TrialSetup, concurrency: int, restoring: bool, verbose: bool) -> Any:
+    from ray import tune
+
+    from orchestrator.tune.observe import Relay
+    from orchestrator.tune.space import param_space, population, scheduler, search_algorithm
+    from orchestrator.tune.trial import run_trial, trial_dir_name
+
+    spec, path = setup.spec, setup.sweep_path
+    assert spec.tune is not None
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, setup=setup), {"cpu": TRIAL_CPU}
+    )
+    if restoring:
+        # Errored trials get another go: the cause may have been fixed since.
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    t = spec.tune
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(t.space),
+        tune_config=tune.TuneConfig(
+            metric=t.metric,
+            mode=t.mode,
+            search_alg=search_algorithm(t, seed=spec.train.seed, concurrency=concurrency),
+            scheduler=scheduler(t, all_at_once=population(t) <= concurrency),
+            num_samples=t.num_samples,
+            time_budget_s=t.time_budget_s,
+            trial_dirname_creator=trial_dir_name,
+            # No reuse: Tune keeps a stopped trial's process for the next trial, and its
+            # TorchTrainer would keep training (and holding its workers) until then.
+            reuse_actors=False,
+        ),
+        run_config=tune.RunConfig(
+            name=path.rstrip("/").rsplit("/", 1)[-1],
+            storage_path=path.rstrip("/").rsplit("/", 1)[0],
+            failure_config=tune.FailureConfig(max_failures=t.max_retries),
+            # Checkpoints reach Tune under PBT only, and all are kept: Tune deleting old ones
+            # races with PBT registering the same checkpoint twice (on report and on save).
+            callbacks=[Relay(path)],
+            verbose=1 if verbose else 0,
+        ),
+    )
+
+
+def _concurrency(spec: WorkloadSpec, on_this_machine: bool) -> int:
+    """Trials at once: what the cluster holds, each trial with its workers, Ray Data a share.
+
+    Tune reserves only a trial's own small CPU share; its Train workers ask Ray afterwards, so
+    too many trials at once would hold every CPU and leave their workers waiting forever.
+    """
+    import ray
+
+    assert spec.tune is not None
+    have = ray.cluster_resources()
+    per_worker = spec.scaling.resources_per_worker or {}
+    workers = spec.scaling.num_workers
+    cpus = TRIAL_CPU + workers * per_worker.get("CPU", 1.0)
+    gpus = workers * per_worker.get("GPU", 1.0 if spec.scaling.use_gpu else 0.0)
+    fit = math.floor((have.get("CPU", 0) - DATA_CPU_RESERVE) / cpus)
+    if gpus:
+        fit = min(fit, math.floor(have.get("GPU", 0) / gpus))
+    asked = spec.tune.max_concurrent_trials
+    if asked is None:
+        return max(1, fit)
+    if on_this_machine and asked > fit:
+        raise RunError(
+            f"tune.max_concurrent_trials: {asked} trials at once do not fit here: each takes "
+            f"{cpus:g} CPU ({TRIAL_CPU:g} for the trial, {workers} worker(s) x "
+            f"{per_worker.get('CPU', 1.0):g})"
+            + (f" and {gpus:g} GPU" if gpus else "")
+            + f", this machine has {have.get('CPU', 0):g} CPU"
+            + (f" and {have.get('GPU', 0):g} GPU" if gpus else "")
+            + f" with {DATA_CPU_RESERVE:g} CPU kept for Ray Data; use at most {max(fit, 0)}, "
+            "or null to let orch choose"
+        )
+    return asked
+
+
+def _check_sweep_dir(path: str, spec: WorkloadSpec, resume: bool | None) -> bool:
+    """Whether to restore the sweep at `path`; refuse what would mix two different sweeps."""
+    from ray import tune
+
+    exists = tune.Tuner.can_restore(path)
+    if resume is True and not exists:
+        raise RunError(f"no sweep to resume at {path}; start it without --resume")
+    if resume is False and exists:
+        raise RunError(
+            f"a sweep already exists at {path}; continue it with --resume, "
+            "or start another with --name NEW"
+        )
+    current = spec.model_dump(mode="json")
+    if exists:
+        saved = yaml.safe_load(_read(f"{path}/{SWEEP_SPEC}") or "null")
+        if saved is not None and saved != current:
+            changed = _changed_fields(saved, current)
+            raise RunError(
+                f"the workload changed since the sweep at {path} started ({', '.join(changed)}); "
+                "resume it with the workload it started with, or start another with --name NEW"
+            )
+    else:
+        _write(f"{path}/{SWEEP_SPEC}", yaml.safe_dump(current, sort_keys=False))
+    return exists
+
+
+def _start_tracking(spec: WorkloadSpec, name: str, data_hash: str, local: Path) -> Any:
+    if not spec.tracking.mlflow.enabled:
+        return None
+    from orchestrator.tracking import Tracker, TrackingError
+
+    try:
+        return Tracker.start(spec, name, data_hash, local)
+    except TrackingError as exc:
+        raise RunError(str(exc)) from None
+
+
+def _changed_fields(saved: Any, current: Any) -> list[str]:
+    from orchestrator.tracking import flatten
+
+    a, b = flatten(saved), flatten(current)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))[:5]
+
+
+def _read(uri: str) -> str | None:
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def _write(uri: str, text: str) -> None:
+    fs, path = _fs(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def _fs(uri: str) -> tuple[Any, str]:
+    import pyarrow.fs as pafs
+
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
