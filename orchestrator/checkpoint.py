@@ -14,6 +14,7 @@ from typing import Any
 __all__ = [
     "CheckpointMismatch",
     "Manifest",
+    "checkpoint_manifest",
     "export_model",
     "library_versions",
     "read_manifest",
@@ -88,6 +89,17 @@ def read_manifest(directory: str) -> Manifest:
     if not path.is_file():
         raise CheckpointMismatch(f"{directory} is not an orch checkpoint (no {MANIFEST})")
     return Manifest(**json.loads(path.read_text()))
+
+
+def checkpoint_manifest(checkpoint: Any) -> Manifest:
+    """The manifest of a `ray.train.Checkpoint`, read where it lies (no download of weights)."""
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{MANIFEST}") as f:
+            return Manifest(**json.loads(f.read()))
+    except FileNotFoundError:
+        raise CheckpointMismatch(
+            f"{checkpoint.path} is not an orch checkpoint (no {MANIFEST})"
+        ) from None
 
 
 def export_model(checkpoint_dir: str, out_dir: str, meta: dict[str, Any]) -> str:

@@ -175,6 +175,18 @@ class DDPEngine:
         self.model.train(on)
 
 
+def _skip_inference_comm_kernel() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce kernel on CPU.
+
+    DeepSpeed's CPU backend builds that C++ kernel whenever it starts (about a minute on 2
+    cores, and it needs a compiler), yet only its inference all-reduce uses it; training's
+    collectives go through gloo either way.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedEngine:
     """A DeepSpeed ZeRO engine; on CPU it runs with gloo through DeepSpeed's CPU accelerator."""
 
@@ -183,6 +195,8 @@ class DeepSpeedEngine:
     ):
         import deepspeed
 
+        if not torch.cuda.is_available():
+            _skip_inference_comm_kernel()
         optimizer = make_optimizer(train.optimizer, model)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(train.scheduler, total_steps)

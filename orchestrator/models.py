@@ -35,6 +35,7 @@ __all__ = [
     "ModelError",
     "build_model",
     "config_hash",
+    "import_model_library",
     "load_exported",
     "resolve_custom",
     "task_of",
@@ -215,6 +216,29 @@ MODELS: dict[str, Callable[[Any, DataInfo], nn.Module]] = {
 }
 
 _MODEL_SPEC: TypeAdapter[Any] = TypeAdapter(ModelSpec)
+
+# What each kind's builder imports; the transformers models take seconds to import.
+_LIBRARIES = {
+    "bert_mlm": ("transformers", ("BertConfig", "BertForMaskedLM")),
+    "gpt_lm": ("transformers", ("GPT2Config", "GPT2LMHeadModel")),
+    "resnet": ("torchvision", ("models",)),
+}
+
+
+def import_model_library(kind: str) -> None:
+    """Import what `build_model` needs for this kind, so it can happen ahead, in a thread.
+
+    Failures are left for `build_model` to report, where they belong to the model.
+    """
+    if kind not in _LIBRARIES:
+        return
+    module, names = _LIBRARIES[kind]
+    try:
+        library = importlib.import_module(module)
+        for name in names:
+            getattr(library, name)  # transformers imports its modeling code on attribute access
+    except Exception:
+        return
 
 
 def build_model(spec: Any, data: DataInfo) -> nn.Module:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,13 @@ from orchestrator.checkpoint import CheckpointMismatch, export_model
 from orchestrator.data import PreparedData, open_splits, prepare
 from orchestrator.data.stream import ingest_config
 from orchestrator.distributed import accumulation_steps
-from orchestrator.models import DataInfo, ModelError, config_hash, resolve_custom
+from orchestrator.models import (
+    DataInfo,
+    ModelError,
+    config_hash,
+    import_model_library,
+    resolve_custom,
+)
 from orchestrator.plan import PlanError, check_data_cpus, check_memory
 from orchestrator.ray_session import ray_session
 from orchestrator.spec import WorkloadSpec
@@ -84,6 +91,9 @@ def run_workload(
             resolve_custom(spec.model.build)
         except ModelError as exc:
             raise RunError(str(exc)) from None
+    # The plan check builds the model (on the meta device); importing its library overlaps
+    # with starting Ray instead of following it.
+    threading.Thread(target=import_model_library, args=(spec.model.kind,), daemon=True).start()
     with ray_session(address, verbose):
         try:
             prepared = prepare(spec.data, log=log, ray_address=address, verbose=verbose)
@@ -168,7 +178,10 @@ def _fit(
 
     storage = storage_uri(spec.train.storage_path)
     config = loop_config(spec, prepared, info)
-    _check_existing_checkpoints(storage, name, spec, config["model_config_hash"])
+    latest = _check_existing_checkpoints(storage, name, spec, config["model_config_hash"])
+    if latest is not None and latest[1] >= _total_steps(spec, config):
+        # Starting Ray Train only to have it find nothing to do takes half a minute.
+        return _already_finished(spec, config, name, storage, latest, log, started, tracker)
     channel = Queue(actor_options={"num_cpus": 0})
     trainer = build_trainer(
         spec, prepared, config, name=name, storage=storage, callbacks=[ProgressCallback(channel)]
@@ -290,20 +303,25 @@ def export_final(result: Any, config: dict[str, Any], spec: WorkloadSpec) -> str
     """Export the run's last checkpoint as a plain fp32 model next to it; None without one."""
     if result.checkpoint is None:
         return None
-    with result.checkpoint.as_directory() as directory:
+    return _export(result.checkpoint, result.path, config, spec)
+
+
+def _export(checkpoint: Any, run_path: str, config: dict[str, Any], spec: WorkloadSpec) -> str:
+    with checkpoint.as_directory() as directory:
         return export_model(
             directory,
-            os.path.join(local_dir(result.path), "model"),
+            os.path.join(local_dir(run_path), "model"),
             {"model": config["model"], "data": config["data_info"], "task": spec.model.kind},
         )
 
 
 def _check_existing_checkpoints(
     storage: str, name: str, spec: WorkloadSpec, model_hash: str
-) -> None:
+) -> tuple[str, int] | None:
     """Refuse on the driver, before any worker starts, a run directory this run cannot resume.
 
-    The workers check again against the checkpoint Ray actually hands them.
+    Returns the newest checkpoint (path, step), if any. The workers check again against the
+    checkpoint Ray actually hands them.
     """
     import pyarrow.fs as pafs
 
@@ -314,7 +332,7 @@ def _check_existing_checkpoints(
     )
     run_dir = f"{root.rstrip('/')}/{name}"
     if fs.get_file_info(run_dir).type != pafs.FileType.Directory:
-        return
+        return None
     steps = sorted(
         info.path
         for info in fs.get_file_info(pafs.FileSelector(run_dir))
@@ -332,7 +350,48 @@ def _check_existing_checkpoints(
             saved.check_resumable_by(me, f"checkpoint {path}")
         except CheckpointMismatch as exc:
             raise RunError(str(exc)) from None
-        return
+        return (f"{storage.rstrip('/')}/{name}/{path.rsplit('/', 1)[-1]}", saved.step)
+    return None
+
+
+def _total_steps(spec: WorkloadSpec, config: dict[str, Any]) -> int:
+    per_epoch = steps_per_epoch(config["data"]["train_rows"], spec.train, spec.scaling.num_workers)
+    return spec.train.max_steps or per_epoch * spec.train.epochs
+
+
+def _already_finished(
+    spec: WorkloadSpec,
+    config: dict[str, Any],
+    name: str,
+    storage: str,
+    latest: tuple[str, int],
+    log: Callable[[str], None],
+    started: float,
+    tracker: Any,
+) -> RunResult:
+    """The run's newest checkpoint is its last step: keep it, export it if that is missing."""
+    checkpoint, step = latest
+    run_path = f"{storage}/{name}"
+    model_dir = os.path.join(local_dir(run_path), "model")
+    if not os.path.isfile(os.path.join(model_dir, "model.json")):
+        model_dir = _export(_checkpoint(checkpoint), run_path, config, spec)
+    log(f"{name} already finished; nothing to train (another --name starts a new run)")
+    notes = tracker.finish("FINISHED", model_dir, checkpoint) if tracker is not None else []
+    return RunResult(
+        name=name,
+        path=run_path,
+        metrics={"step": step},
+        checkpoint=checkpoint,
+        model_dir=model_dir,
+        seconds=time.monotonic() - started,
+        notes=notes,
+    )
+
+
+def _checkpoint(uri: str) -> Any:
+    import ray.train
+
+    return ray.train.Checkpoint(uri if "://" in uri else os.path.abspath(uri))
 
 
 def storage_uri(path: str) -> str:

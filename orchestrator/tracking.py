@@ -117,12 +117,11 @@ def _fluent_uri(uri: str) -> Iterator[None]:
     import mlflow
 
     saved_env = os.environ.get("MLFLOW_TRACKING_URI")
-    saved = mlflow.get_tracking_uri() if saved_env is not None else None
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(saved)  # None also unsets the env var
+        mlflow.set_tracking_uri(None)  # back to "the env var decides"; this unsets it too
         if saved_env is not None:
             os.environ["MLFLOW_TRACKING_URI"] = saved_env
 

@@ -19,8 +19,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import TypeAdapter
 
-from orchestrator.checkpoint import Manifest, library_versions, read_manifest, write_manifest
-from orchestrator.data.stream import decode_images, epoch_batches, eval_batches, mask_tokens
+from orchestrator.checkpoint import (
+    Manifest,
+    checkpoint_manifest,
+    library_versions,
+    write_manifest,
+)
+from orchestrator.data.stream import (
+    StartedEarly,
+    decode_images,
+    epoch_batches,
+    eval_batches,
+    mask_tokens,
+)
 from orchestrator.distributed import accumulation_steps, make_engine, no_grad_eval
 from orchestrator.models import DataInfo, build_model, task_of
 from orchestrator.spec import DeepSpeedSpec, ModelSpec, TrainSpec
@@ -67,13 +78,10 @@ def train_loop(raw_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     train = cfg.train
 
-    torch.manual_seed(train.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model, cfg.data_info)
     accum = accumulation_steps(train, world)
     per_epoch = steps_per_epoch(cfg.data["train_rows"], train, world)  # > 0: checked by run.py
     total = train.max_steps or per_epoch * train.epochs
     epochs = math.ceil(total / per_epoch)
-    engine = make_engine(model, train, cfg.deepspeed, world, accum, total)
     task = task_of(cfg.model)
     me = Manifest(
         0,
@@ -88,25 +96,42 @@ def train_loop(raw_config: dict[str, Any]) -> None:
 
     step, start_epoch, skip = 0, 0, 0
     # The run's own checkpoint (a restart) wins over the one it was started from (a sweep's
-    # PBT exploit); both pass the same manifest check.
+    # PBT exploit); both pass the same manifest check, before any model is built.
     checkpoint = ray.train.get_checkpoint() or cfg.initial_checkpoint
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            saved = read_manifest(directory)
-            saved.check_resumable_by(me, f"checkpoint {checkpoint.path}")
-            engine.load(directory)
+        saved = checkpoint_manifest(checkpoint)
+        saved.check_resumable_by(me, f"checkpoint {checkpoint.path}")
         step, start_epoch, skip = saved.step, saved.epoch, saved.batches_in_epoch
+
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = _eval_shard()
+    # Ray Data's stream takes seconds to start (its coordinator, then read tasks in new worker
+    # processes); fetching the first batch now overlaps that with building the model.
+    first_epoch = StartedEarly(
+        epoch_batches(
+            train_shard, train.micro_batch_size, train.seed, start_epoch, cfg.data["shuffle_buffer"]
+        )
+    )
+
+    torch.manual_seed(train.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model, cfg.data_info)
+    engine = make_engine(model, train, cfg.deepspeed, world, accum, total)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            engine.load(directory)
 
     mask_gen = torch.Generator().manual_seed(train.seed * 1000 + rank + step)
     window = _Window()
-    train_shard = ray.train.get_dataset_shard("train")
-    eval_shard = _eval_shard()
 
     for epoch in range(start_epoch, epochs):
         if step >= total:
             break
-        batches = epoch_batches(
-            train_shard, train.micro_batch_size, train.seed, epoch, cfg.data["shuffle_buffer"]
+        batches = (
+            first_epoch
+            if epoch == start_epoch
+            else epoch_batches(
+                train_shard, train.micro_batch_size, train.seed, epoch, cfg.data["shuffle_buffer"]
+            )
         )
         consumed = 0
         wait_started = time.perf_counter()

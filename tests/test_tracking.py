@@ -68,7 +68,11 @@ def mnist(
 
 @pytest.mark.timeout(600)
 def test_run_is_recorded_and_model_registered(
-    server: MlflowServer, shared_data: Path, cache: Path, tmp_path: Path
+    server: MlflowServer,
+    shared_data: Path,
+    cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     spec = mnist(
         shared_data,
@@ -111,8 +115,8 @@ def test_run_is_recorded_and_model_registered(
     assert len(versions) == 1 and versions[0].run_id == run.info.run_id
     import mlflow
 
-    local = mlflow.artifacts.download_artifacts("models:/mnist-cnn/1", tracking_uri=server.uri)
-    model = mlflow.pytorch.load_model(local)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    model = mlflow.pytorch.load_model("models:/mnist-cnn/1")
     import torch
 
     assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)

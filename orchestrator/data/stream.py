@@ -17,7 +17,8 @@ of that.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +29,7 @@ from orchestrator.data.prepare import PreparedData, image_schema
 from orchestrator.data.sources import DataError
 
 __all__ = [
+    "StartedEarly",
     "check_shards",
     "decode_images",
     "epoch_batches",
@@ -36,6 +38,8 @@ __all__ = [
     "mask_tokens",
     "open_splits",
 ]
+
+T = TypeVar("T")
 
 
 def open_splits(prepared: PreparedData, seed: int, shuffle: bool = True) -> dict[str, Any]:
@@ -114,6 +118,31 @@ def epoch_batches(
         local_shuffle_seed=seed + epoch if shuffle_buffer else None,
         collate_fn=_to_tensors,
     )
+
+
+class StartedEarly(Iterator[T]):
+    """An iterator whose first item is already being fetched, in a thread, from creation on.
+
+    Ray Data starts a stream on the first `next()`; starting it early overlaps its start-up
+    with other work of the caller's. Items after the first come in the caller's thread.
+    """
+
+    def __init__(self, items: Iterator[T]):
+        self._items = items
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="orch-first-batch")
+        self._first: Future[Any] | None = self._pool.submit(next, items, _END)
+
+    def __next__(self) -> T:
+        if self._first is None:
+            return next(self._items)
+        first, self._first = self._first.result(), None
+        self._pool.shutdown()
+        if first is _END:
+            raise StopIteration
+        return first
+
+
+_END = object()
 
 
 def eval_batches(shard: Any, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
