@@ -17,6 +17,7 @@ __all__ = [
     "checkpoint_manifest",
     "export_model",
     "library_versions",
+    "manifest_in",
     "read_manifest",
     "write_manifest",
 ]
@@ -91,15 +92,18 @@ def read_manifest(directory: str) -> Manifest:
     return Manifest(**json.loads(path.read_text()))
 
 
-def checkpoint_manifest(checkpoint: Any) -> Manifest:
-    """The manifest of a `ray.train.Checkpoint`, read where it lies (no download of weights)."""
+def manifest_in(fs: Any, directory: str) -> Manifest:
+    """The manifest of a checkpoint directory on a pyarrow filesystem (local or remote)."""
     try:
-        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{MANIFEST}") as f:
+        with fs.open_input_stream(f"{directory}/{MANIFEST}") as f:
             return Manifest(**json.loads(f.read()))
     except FileNotFoundError:
-        raise CheckpointMismatch(
-            f"{checkpoint.path} is not an orch checkpoint (no {MANIFEST})"
-        ) from None
+        raise CheckpointMismatch(f"{directory} is not an orch checkpoint (no {MANIFEST})") from None
+
+
+def checkpoint_manifest(checkpoint: Any) -> Manifest:
+    """The manifest of a `ray.train.Checkpoint`, read where it lies (no download of weights)."""
+    return manifest_in(checkpoint.filesystem, checkpoint.path)
 
 
 def export_model(checkpoint_dir: str, out_dir: str, meta: dict[str, Any]) -> str:

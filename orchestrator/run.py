@@ -5,7 +5,6 @@ The same function runs on a laptop (a local Ray) and, later, as the entrypoint o
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -16,7 +15,7 @@ from typing import Any
 
 import psutil
 
-from orchestrator.checkpoint import CheckpointMismatch, export_model
+from orchestrator.checkpoint import CheckpointMismatch, export_model, manifest_in
 from orchestrator.data import PreparedData, open_splits, prepare
 from orchestrator.data.stream import ingest_config
 from orchestrator.distributed import accumulation_steps
@@ -30,7 +29,7 @@ from orchestrator.models import (
 from orchestrator.plan import PlanError, check_data_cpus, check_memory
 from orchestrator.ray_session import ray_session
 from orchestrator.spec import WorkloadSpec
-from orchestrator.train_loop import steps_per_epoch, train_loop
+from orchestrator.train_loop import steps_per_epoch, total_steps, train_loop
 
 __all__ = [
     "RunError",
@@ -179,7 +178,8 @@ def _fit(
     storage = storage_uri(spec.train.storage_path)
     config = loop_config(spec, prepared, info)
     latest = _check_existing_checkpoints(storage, name, spec, config["model_config_hash"])
-    if latest is not None and latest[1] >= _total_steps(spec, config):
+    total = total_steps(config["data"]["train_rows"], spec.train, spec.scaling.num_workers)
+    if latest is not None and latest[1] >= total:
         # Starting Ray Train only to have it find nothing to do takes half a minute.
         return _already_finished(spec, config, name, storage, latest, log, started, tracker)
     channel = Queue(actor_options={"num_cpus": 0})
@@ -342,8 +342,7 @@ def _check_existing_checkpoints(
         manifest_path = f"{path}/{MANIFEST}"
         if fs.get_file_info(manifest_path).type != pafs.FileType.File:
             continue
-        with fs.open_input_stream(manifest_path) as f:
-            saved = Manifest(**json.loads(f.read()))
+        saved = manifest_in(fs, path)
         zero = spec.deepspeed.zero_stage if spec.deepspeed else None
         me = Manifest(0, 0, 0, spec.scaling.num_workers, zero, spec.train.precision, model_hash, {})
         try:
@@ -352,11 +351,6 @@ def _check_existing_checkpoints(
             raise RunError(str(exc)) from None
         return (f"{storage.rstrip('/')}/{name}/{path.rsplit('/', 1)[-1]}", saved.step)
     return None
-
-
-def _total_steps(spec: WorkloadSpec, config: dict[str, Any]) -> int:
-    per_epoch = steps_per_epoch(config["data"]["train_rows"], spec.train, spec.scaling.num_workers)
-    return spec.train.max_steps or per_epoch * spec.train.epochs
 
 
 def _already_finished(
@@ -391,7 +385,7 @@ def _already_finished(
 def _checkpoint(uri: str) -> Any:
     import ray.train
 
-    return ray.train.Checkpoint(uri if "://" in uri else os.path.abspath(uri))
+    return ray.train.Checkpoint(uri)  # under storage_uri(): absolute or a URI already
 
 
 def storage_uri(path: str) -> str:

@@ -36,7 +36,7 @@ from orchestrator.distributed import accumulation_steps, make_engine, no_grad_ev
 from orchestrator.models import DataInfo, build_model, task_of
 from orchestrator.spec import DeepSpeedSpec, ModelSpec, TrainSpec
 
-__all__ = ["LoopConfig", "steps_per_epoch", "train_loop"]
+__all__ = ["LoopConfig", "steps_per_epoch", "total_steps", "train_loop"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,11 @@ def steps_per_epoch(train_rows: int, train: TrainSpec, world: int) -> int:
     return micro_batches // accumulation_steps(train, world)
 
 
+def total_steps(train_rows: int, train: TrainSpec, world: int) -> int:
+    """The run's optimizer steps: max_steps, else whole epochs."""
+    return train.max_steps or steps_per_epoch(train_rows, train, world) * train.epochs
+
+
 def train_loop(raw_config: dict[str, Any]) -> None:
     import ray.train
 
@@ -80,7 +85,7 @@ def train_loop(raw_config: dict[str, Any]) -> None:
 
     accum = accumulation_steps(train, world)
     per_epoch = steps_per_epoch(cfg.data["train_rows"], train, world)  # > 0: checked by run.py
-    total = train.max_steps or per_epoch * train.epochs
+    total = total_steps(cfg.data["train_rows"], train, world)
     epochs = math.ceil(total / per_epoch)
     task = task_of(cfg.model)
     me = Manifest(
