@@ -100,7 +100,7 @@ def _baseline_worker(rank: int, path: str, steps: int, port: int, out: str) -> N
     import torch.distributed as dist
 
     from orchestrator.data.stream import mask_tokens
-    from orchestrator.distributed import lr_lambda, make_optimizer
+    from orchestrator.train.engines import lr_lambda, make_optimizer
     from orchestrator.models import DataInfo, build_model
     from orchestrator.spec import OptimizerSpec, SchedulerSpec
 

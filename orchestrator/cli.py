@@ -230,7 +230,7 @@ def _sweep(
     verbose: bool,
     tracking: bool,
 ) -> None:
-    from orchestrator.run import RunError, TrainingFailed
+    from orchestrator.errors import RunError, TrainingFailed
     from orchestrator.tune import run_sweep, summary_lines
 
     try:

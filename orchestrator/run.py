@@ -15,10 +15,11 @@ from typing import Any
 
 import psutil
 
-from orchestrator.checkpoint import CheckpointMismatch, export_model, manifest_in
+from orchestrator.train.checkpoint import CheckpointMismatch, export_model, manifest_in
 from orchestrator.data import PreparedData, open_splits, prepare
 from orchestrator.data.stream import ingest_config
-from orchestrator.distributed import accumulation_steps
+from orchestrator.errors import RunError, TrainingFailed
+from orchestrator.train.engines import accumulation_steps
 from orchestrator.models import (
     DataInfo,
     ModelError,
@@ -29,7 +30,7 @@ from orchestrator.models import (
 from orchestrator.plan import PlanError, check_data_cpus, check_memory
 from orchestrator.ray_session import ray_session
 from orchestrator.spec import WorkloadSpec
-from orchestrator.train_loop import steps_per_epoch, total_steps, train_loop
+from orchestrator.train.loop import steps_per_epoch, total_steps, train_loop
 
 __all__ = [
     "RunError",
@@ -44,14 +45,6 @@ __all__ = [
     "run_workload",
     "storage_uri",
 ]
-
-
-class RunError(Exception):
-    """The workload cannot start as specified (exit code 2): bad model, data, plan or checkpoint."""
-
-
-class TrainingFailed(Exception):
-    """Training started and failed (exit code 1)."""
 
 
 @dataclass
@@ -173,7 +166,7 @@ def _fit(
     import ray.train
     from ray.util.queue import Queue
 
-    from orchestrator.progress import ProgressCallback, ProgressPrinter
+    from orchestrator.train.progress import ProgressCallback, ProgressPrinter
 
     storage = storage_uri(spec.train.storage_path)
     config = loop_config(spec, prepared, info)
@@ -325,7 +318,7 @@ def _check_existing_checkpoints(
     """
     import pyarrow.fs as pafs
 
-    from orchestrator.checkpoint import MANIFEST, Manifest
+    from orchestrator.train.checkpoint import MANIFEST, Manifest
 
     fs, root = (
         pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)

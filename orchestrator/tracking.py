@@ -441,7 +441,7 @@ def _input_example(meta: dict[str, Any]) -> Any:
 
 
 def _tags(run_name: str, data_hash: str) -> dict[str, str]:
-    from orchestrator.checkpoint import library_versions
+    from orchestrator.train.checkpoint import library_versions
 
     tags = {
         "orch.run_name": run_name,

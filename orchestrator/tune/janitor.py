@@ -52,7 +52,7 @@ def train_loop_in_trial(config: dict[str, Any]) -> None:
     """orch's training loop, after registering the run's placement group with the janitor."""
     import ray.train
 
-    from orchestrator.train_loop import train_loop
+    from orchestrator.train.loop import train_loop
 
     if ray.train.get_context().get_world_rank() == 0:
         group = ray.util.get_current_placement_group()

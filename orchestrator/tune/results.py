@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.run import TrainingFailed
+from orchestrator.errors import TrainingFailed
 from orchestrator.spec import WorkloadSpec
 
 __all__ = ["BEST_WORKLOAD", "SweepResult", "TrialRow", "finish", "row", "summary_lines"]

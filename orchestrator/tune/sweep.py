@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.run import RunError, TrainingFailed
+from orchestrator.errors import RunError, TrainingFailed
 from orchestrator.spec import WorkloadSpec
 from orchestrator.tune.observe import SweepObserver, register, unregister
 from orchestrator.tune.results import SweepResult, finish, row

@@ -110,7 +110,7 @@ def export_model(checkpoint_dir: str, out_dir: str, meta: dict[str, Any]) -> str
     """Write state_dict.pt (fp32, consolidated across ZeRO shards) and model.json to out_dir."""
     import torch
 
-    from orchestrator.distributed import DS_TAG
+    from orchestrator.train.engines import DS_TAG
 
     manifest = read_manifest(checkpoint_dir)
     if manifest.zero_stage is None:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import TypeAdapter
 
-from orchestrator.checkpoint import (
+from orchestrator.train.checkpoint import (
     Manifest,
     checkpoint_manifest,
     library_versions,
@@ -32,7 +32,7 @@ from orchestrator.data.stream import (
     eval_batches,
     mask_tokens,
 )
-from orchestrator.distributed import accumulation_steps, make_engine, no_grad_eval
+from orchestrator.train.engines import accumulation_steps, make_engine, no_grad_eval
 from orchestrator.models import DataInfo, build_model, task_of
 from orchestrator.spec import DeepSpeedSpec, ModelSpec, TrainSpec
 
