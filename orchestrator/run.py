@@ -1,6 +1,7 @@
-"""`orch run`: prepare data, check the plan, train with Ray Train, export the final model.
+"""`orch run`: the driver of one training run on a laptop's Ray, or as a cluster job's entrypoint.
 
-The same function runs on a laptop (a local Ray) and, later, as the entrypoint of a Ray job.
+It prepares the run (`train.prepare_run`), starts tracking, runs the TorchTrainer with a live
+progress line, and exports the final model. What a run is made of lives in `orchestrator.train`.
 """
 
 from __future__ import annotations
@@ -13,38 +14,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from orchestrator.train.checkpoint import CheckpointMismatch, export_model, manifest_in
-from orchestrator.data import PreparedData, open_splits, prepare
-from orchestrator.data.stream import ingest_config
 from orchestrator.errors import RunError, TrainingFailed
-from orchestrator.train.engines import accumulation_steps
-from orchestrator.models import (
-    DataInfo,
-    ModelError,
-    config_hash,
-    import_model_library,
-    resolve_custom,
-)
-from orchestrator.plan import PlanError, check_data_cpus, check_memory
+from orchestrator.models import import_model_library
 from orchestrator.ray_session import ray_session
 from orchestrator.spec import WorkloadSpec
-from orchestrator.train.loop import steps_per_epoch, total_steps, train_loop
+from orchestrator.train.config import WorkerConfig
+from orchestrator.train.loop import total_steps
+from orchestrator.train.trainer import (
+    PreparedRun,
+    build_trainer,
+    explain,
+    export_checkpoint,
+    export_final,
+    local_dir,
+    prepare_run,
+    resumable_checkpoint,
+    storage_uri,
+    worker_config,
+)
 
-__all__ = [
-    "RunError",
-    "RunResult",
-    "TrainingFailed",
-    "build_trainer",
-    "check_plan",
-    "explain",
-    "export_final",
-    "local_dir",
-    "loop_config",
-    "run_workload",
-    "storage_uri",
-]
+__all__ = ["RunError", "RunResult", "TrainingFailed", "run_workload"]
 
 
 @dataclass
@@ -74,89 +63,33 @@ def run_workload(
 
     `tracking=False` (--no-tracking) skips MLflow even when the workload enables it.
     """
-    from orchestrator.data import DataError
-
     started = time.monotonic()
     name = name or spec.name
-    if spec.model.kind == "custom":
-        try:
-            resolve_custom(spec.model.build)
-        except ModelError as exc:
-            raise RunError(str(exc)) from None
     # The plan check builds the model (on the meta device); importing its library overlaps
     # with starting Ray instead of following it.
     threading.Thread(target=import_model_library, args=(spec.model.kind,), daemon=True).start()
     with ray_session(address, verbose):
-        try:
-            prepared = prepare(spec.data, log=log, ray_address=address, verbose=verbose)
-        except DataError as exc:
-            raise RunError(f"data: {exc}") from None
-        info = data_info(spec, prepared)
-        try:
-            check_plan(spec, info, on_this_machine=address is None)
-        except (PlanError, ModelError) as exc:
-            raise RunError(str(exc)) from None
+        run = prepare_run(spec, address=address, verbose=verbose, log=log)
         tracker = None
         if tracking and spec.tracking.mlflow.enabled:
-            from orchestrator.tracking import Tracker, TrackingError, redact
+            from orchestrator.tracking import TrackingError, start_tracker
 
             data_hash = (
-                prepared.manifest.get("cache_key") or prepared.manifest["source_fingerprint"]
+                run.prepared.manifest.get("cache_key")
+                or run.prepared.manifest["source_fingerprint"]
             )
             run_dir = Path(local_dir(f"{storage_uri(spec.train.storage_path)}/{name}"))
             try:
-                tracker = Tracker.start(spec, name, data_hash, run_dir)
+                tracker = start_tracker(spec, name, data_hash, run_dir)
             except TrackingError as exc:
                 raise RunError(str(exc)) from None
-            log(f"tracking: MLflow run {tracker.run_id} at {redact(tracker.uri)}")
-        return _fit(spec, prepared, info, name, log, on_progress, started, tracker)
-
-
-def data_info(spec: WorkloadSpec, prepared: PreparedData) -> DataInfo:
-    m = prepared.manifest
-    if m["kind"] == "text":
-        tokenizer = m.get("tokenizer") or {}
-        return DataInfo(vocab_size=tokenizer.get("vocab_size"))
-    image = m["image"]
-    num_classes = image["num_classes"]
-    model_classes = getattr(spec.model, "num_classes", None)
-    if model_classes is not None and model_classes < num_classes:
-        raise RunError(
-            f"model.num_classes is {model_classes} but the data has {num_classes} classes "
-            f"(labels up to {num_classes - 1}); set model.num_classes: {num_classes}"
-        )
-    channels = image["shape"][2] if image["shape"] else getattr(spec.model, "in_channels", 3)
-    model_channels = getattr(spec.model, "in_channels", channels)
-    if model_channels != channels:
-        raise RunError(f"model.in_channels is {model_channels} but the images have {channels}")
-    return DataInfo(num_classes=model_classes or num_classes, channels=channels)
-
-
-def check_plan(spec: WorkloadSpec, info: DataInfo, on_this_machine: bool) -> None:
-    """Checks against the Ray on this machine; a cluster's fit (autoscaling nodes, GPU memory)
-    cannot be judged from its current resources, so no check refuses it here."""
-    import ray
-
-    if not on_this_machine:
-        return
-    # Ray Data needs CPUs beside the ones Train reserves, or the stream stalls.
-    check_data_cpus(spec.scaling, ray.cluster_resources().get("CPU", 0))
-    if not spec.scaling.use_gpu:
-        check_memory(
-            spec.model,
-            info,
-            spec.train,
-            spec.deepspeed,
-            spec.scaling,
-            psutil.virtual_memory().available,
-            "this machine",
-        )
+            log(f"tracking: MLflow run {tracker.run_id} at {tracker.location}")
+        return _fit(spec, run, name, log, on_progress, started, tracker)
 
 
 def _fit(
     spec: WorkloadSpec,
-    prepared: PreparedData,
-    info: DataInfo,
+    run: PreparedRun,
     name: str,
     log: Callable[[str], None],
     on_progress: Callable[[dict[str, Any]], None],
@@ -169,22 +102,22 @@ def _fit(
     from orchestrator.train.progress import ProgressCallback, ProgressPrinter
 
     storage = storage_uri(spec.train.storage_path)
-    config = loop_config(spec, prepared, info)
-    latest = _check_existing_checkpoints(storage, name, spec, config["model_config_hash"])
-    total = total_steps(config["data"]["train_rows"], spec.train, spec.scaling.num_workers)
+    config = worker_config(spec, run)
+    latest = resumable_checkpoint(storage, name, spec, config.model_config_hash)
+    total = total_steps(config.dataset.train_rows, spec.train, spec.scaling.num_workers)
     if latest is not None and latest[1] >= total:
         # Starting Ray Train only to have it find nothing to do takes half a minute.
-        return _already_finished(spec, config, name, storage, latest, log, started, tracker)
+        return _already_finished(config, name, storage, latest, log, started, tracker)
     channel = Queue(actor_options={"num_cpus": 0})
     trainer = build_trainer(
-        spec, prepared, config, name=name, storage=storage, callbacks=[ProgressCallback(channel)]
+        spec, run, config, name=name, storage=storage, callbacks=[ProgressCallback(channel)]
     )
     log(f"training {name}: {spec.scaling.num_workers} worker(s), run directory {storage}/{name}")
 
     def show(event: dict[str, Any]) -> None:
         on_progress(event)
         if tracker is not None:
-            tracker.log_event(event)
+            tracker.log(event)
 
     with ProgressPrinter(channel, show) as printer:
         try:
@@ -202,7 +135,7 @@ def _fit(
                 log(note)
         raise error
     history = printer.events
-    model_dir = export_final(result, config, spec)
+    model_dir = export_final(result, config)
     checkpoint = result.checkpoint.path if result.checkpoint else None
     notes = tracker.finish("FINISHED", model_dir, checkpoint) if tracker is not None else []
     return RunResult(
@@ -218,137 +151,8 @@ def _fit(
     )
 
 
-def loop_config(
-    spec: WorkloadSpec, prepared: PreparedData, info: DataInfo, initial_checkpoint: Any = None
-) -> dict[str, Any]:
-    """The plain config each worker gets (re-validated there); RunError if the data cannot serve.
-
-    `initial_checkpoint` (a ray.train.Checkpoint) starts a new run from another run's weights;
-    the run's own checkpoints still come first when it restarts.
-    """
-    data = {
-        "kind": prepared.kind,
-        "train_rows": prepared.manifest["splits"]["train"]["rows"],
-        "seq_len": prepared.manifest.get("seq_len"),
-        "tokenizer": prepared.manifest.get("tokenizer"),
-        "image": prepared.manifest.get("image"),
-        "mlm_probability": spec.data.mlm_probability,
-        "shuffle_buffer": spec.data.shuffle_buffer,
-        "augment": spec.data.augment,
-    }
-    if spec.model.kind == "bert_mlm" and not (data["tokenizer"] or {}).get("mask_id"):
-        raise RunError("data: bert_mlm needs a tokenizer with a [MASK] token (use kind wordpiece)")
-    workers = spec.scaling.num_workers
-    accum = accumulation_steps(spec.train, workers)
-    if steps_per_epoch(data["train_rows"], spec.train, workers) == 0:
-        raise RunError(
-            f"data: the training split ({data['train_rows']} rows) is smaller than one global "
-            f"batch ({spec.train.micro_batch_size} x {workers} workers x {accum} accumulation); "
-            "use more data or smaller batches"
-        )
-    return {
-        "model": spec.model.model_dump(mode="json"),
-        "train": spec.train.model_dump(mode="json"),
-        "deepspeed": spec.deepspeed.model_dump(mode="json") if spec.deepspeed else None,
-        "data": data,
-        "data_info": info.__dict__,
-        "model_config_hash": config_hash(spec.model, info),
-        "initial_checkpoint": initial_checkpoint,
-    }
-
-
-def build_trainer(
-    spec: WorkloadSpec,
-    prepared: PreparedData,
-    config: dict[str, Any],
-    *,
-    name: str,
-    storage: str,
-    callbacks: list[Any],
-    loop: Callable[[dict[str, Any]], None] = train_loop,
-) -> Any:
-    """The TorchTrainer of one run: `orch run`'s, or one sweep trial's (`loop` wraps the loop)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    return TorchTrainer(
-        loop,
-        train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=spec.scaling.num_workers,
-            use_gpu=spec.scaling.use_gpu,
-            resources_per_worker=spec.scaling.resources_per_worker,
-            placement_strategy=spec.scaling.placement_strategy,
-        ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=spec.scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
-            callbacks=callbacks,
-        ),
-        datasets=open_splits(prepared, seed=spec.train.seed, shuffle=spec.data.shuffle_buffer > 0),
-        dataset_config=ingest_config(),
-    )
-
-
-def export_final(result: Any, config: dict[str, Any], spec: WorkloadSpec) -> str | None:
-    """Export the run's last checkpoint as a plain fp32 model next to it; None without one."""
-    if result.checkpoint is None:
-        return None
-    return _export(result.checkpoint, result.path, config, spec)
-
-
-def _export(checkpoint: Any, run_path: str, config: dict[str, Any], spec: WorkloadSpec) -> str:
-    with checkpoint.as_directory() as directory:
-        return export_model(
-            directory,
-            os.path.join(local_dir(run_path), "model"),
-            {"model": config["model"], "data": config["data_info"], "task": spec.model.kind},
-        )
-
-
-def _check_existing_checkpoints(
-    storage: str, name: str, spec: WorkloadSpec, model_hash: str
-) -> tuple[str, int] | None:
-    """Refuse on the driver, before any worker starts, a run directory this run cannot resume.
-
-    Returns the newest checkpoint (path, step), if any. The workers check again against the
-    checkpoint Ray actually hands them.
-    """
-    import pyarrow.fs as pafs
-
-    from orchestrator.train.checkpoint import MANIFEST, Manifest
-
-    fs, root = (
-        pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
-    )
-    run_dir = f"{root.rstrip('/')}/{name}"
-    if fs.get_file_info(run_dir).type != pafs.FileType.Directory:
-        return None
-    steps = sorted(
-        info.path
-        for info in fs.get_file_info(pafs.FileSelector(run_dir))
-        if info.type == pafs.FileType.Directory and info.base_name.startswith("step-")
-    )
-    for path in reversed(steps):
-        manifest_path = f"{path}/{MANIFEST}"
-        if fs.get_file_info(manifest_path).type != pafs.FileType.File:
-            continue
-        saved = manifest_in(fs, path)
-        zero = spec.deepspeed.zero_stage if spec.deepspeed else None
-        me = Manifest(0, 0, 0, spec.scaling.num_workers, zero, spec.train.precision, model_hash, {})
-        try:
-            saved.check_resumable_by(me, f"checkpoint {path}")
-        except CheckpointMismatch as exc:
-            raise RunError(str(exc)) from None
-        return (f"{storage.rstrip('/')}/{name}/{path.rsplit('/', 1)[-1]}", saved.step)
-    return None
-
-
 def _already_finished(
-    spec: WorkloadSpec,
-    config: dict[str, Any],
+    config: WorkerConfig,
     name: str,
     storage: str,
     latest: tuple[str, int],
@@ -361,7 +165,10 @@ def _already_finished(
     run_path = f"{storage}/{name}"
     model_dir = os.path.join(local_dir(run_path), "model")
     if not os.path.isfile(os.path.join(model_dir, "model.json")):
-        model_dir = _export(_checkpoint(checkpoint), run_path, config, spec)
+        import ray.train
+
+        # Under storage_uri(): an absolute path or a URI already.
+        model_dir = export_checkpoint(ray.train.Checkpoint(checkpoint), run_path, config)
     log(f"{name} already finished; nothing to train (another --name starts a new run)")
     notes = tracker.finish("FINISHED", model_dir, checkpoint) if tracker is not None else []
     return RunResult(
@@ -373,40 +180,3 @@ def _already_finished(
         seconds=time.monotonic() - started,
         notes=notes,
     )
-
-
-def _checkpoint(uri: str) -> Any:
-    import ray.train
-
-    return ray.train.Checkpoint(uri)  # under storage_uri(): absolute or a URI already
-
-
-def storage_uri(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
-
-
-def local_dir(path: str) -> str:
-    if "://" in path:  # remote storage: export next to the working directory instead
-        return os.path.abspath(os.path.join("orch_exports", path.rstrip("/").split("/")[-1]))
-    return path
-
-
-def explain(exc: Exception) -> Exception:
-    """User mistakes found on a worker become RunError; anything else is a training failure."""
-    failures = getattr(exc, "worker_failures", {}) or {}
-    for error in failures.values():
-        cause = error
-        while cause is not None:
-            if isinstance(cause, (CheckpointMismatch, ModelError)):
-                return RunError(str(cause))
-            cause = cause.__cause__
-        text = str(error)
-        for kind in ("CheckpointMismatch", "ModelError"):
-            if kind in text:
-                return RunError(_last_line(text, kind))
-    return TrainingFailed(str(exc))
-
-
-def _last_line(text: str, kind: str) -> str:
-    lines = [line for line in text.splitlines() if kind in line]
-    return lines[-1].split(f"{kind}: ", 1)[-1] if lines else text

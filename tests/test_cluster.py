@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import MlflowServer
+from servers import MlflowServer
 
 from orchestrator.jobs.connect import JobsError, find_token, resolve_address
-from orchestrator.jobs.fit import Unschedulable, check_fit
+from orchestrator.plan import Unschedulable, check_fit
 from orchestrator.spec import ScalingSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,8 +115,7 @@ def _logs(directory: Path) -> str:
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Storage every node reaches (one machine: a local directory), shared by the module's jobs
-    so the corpus is prepared once."""
+    """Storage every node reaches (one machine: a local directory), shared by the module's jobs."""
     return tmp_path_factory.mktemp("cluster-storage")
 
 
@@ -126,8 +125,10 @@ def _with_token(cluster: LocalCluster, **extra: str) -> dict[str, str]:
     )
 
 
-def _storage(shared: Path) -> list[str]:
-    return [f"train.storage_path={shared / 'runs'}", f"data.cache_dir={shared / 'data'}"]
+def _storage(shared: Path, data_cache: Path) -> list[str]:
+    """Runs in the module's shared storage; prepared data in the session's cache (every node
+    reaches both on one machine), so the corpus is prepared once."""
+    return [f"train.storage_path={shared / 'runs'}", f"data.cache_dir={data_cache}"]
 
 
 def _job_id(output: str) -> str:
@@ -148,7 +149,7 @@ def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 # --------------------------------------------------------------------------- jobs that train
 @pytest.mark.integration
 def test_submit_trains_on_both_nodes_and_tracks(
-    cluster: LocalCluster, shared: Path, mlflow_server: MlflowServer
+    cluster: LocalCluster, shared: Path, data_cache: Path, mlflow_server: MlflowServer
 ) -> None:
     from mlflow.tracking import MlflowClient
     from ray.job_submission import JobSubmissionClient
@@ -161,7 +162,7 @@ def test_submit_trains_on_both_nodes_and_tracks(
         BERT,
         *_sets(
             *TINY,
-            *_storage(shared),
+            *_storage(shared, data_cache),
             "scaling.placement_strategy=STRICT_SPREAD",
             f"tracking.mlflow.tracking_uri={mlflow_server.uri}",
         ),
@@ -211,7 +212,7 @@ def test_submit_trains_on_both_nodes_and_tracks(
 
 @pytest.mark.integration
 def test_waiting_job_says_why_and_stop_keeps_checkpoints(
-    cluster: LocalCluster, shared: Path
+    cluster: LocalCluster, shared: Path, data_cache: Path
 ) -> None:
     env = _with_token(cluster)
     # Both jobs need the second node's one `node2` slot: the second waits for the first.
@@ -219,7 +220,7 @@ def test_waiting_job_says_why_and_stop_keeps_checkpoints(
     long_job = orch(
         "submit",
         BERT,
-        *_sets(*TINY, *slot, *_storage(shared), "train.max_steps=100000"),
+        *_sets(*TINY, *slot, *_storage(shared, data_cache), "train.max_steps=100000"),
         "--name",
         "long",
         "--no-tracking",
@@ -230,7 +231,7 @@ def test_waiting_job_says_why_and_stop_keeps_checkpoints(
     _wait_for(lambda: "step 1/" in orch("logs", first, env=env).stdout, 300, "training")
 
     short_job = orch(
-        "submit", BERT, *_sets(*TINY, *slot, *_storage(shared)), "--name", "short",
+        "submit", BERT, *_sets(*TINY, *slot, *_storage(shared, data_cache)), "--name", "short",
         "--no-tracking", env=env,
     )  # fmt: skip
     assert short_job.returncode == 0, short_job.stderr
@@ -290,9 +291,9 @@ def _refused(result: subprocess.CompletedProcess, *needles: str) -> None:
 
 @pytest.mark.integration
 def test_wrong_or_missing_token_is_refused_with_the_fix(
-    cluster: LocalCluster, shared: Path, tmp_path: Path
+    cluster: LocalCluster, shared: Path, data_cache: Path, tmp_path: Path
 ) -> None:
-    args = ["submit", BERT, *_sets(*TINY, *_storage(shared)), "--no-tracking"]
+    args = ["submit", BERT, *_sets(*TINY, *_storage(shared, data_cache)), "--no-tracking"]
     wrong = orch(*args, env=_client_env(ORCH_ADDRESS=cluster.url, RAY_AUTH_TOKEN="0" * 64))
     _refused(wrong, "rejected the token from $RAY_AUTH_TOKEN", "ray get-auth-token")
     # No token anywhere (an empty home has no ~/.ray/auth_token).
@@ -304,19 +305,23 @@ def test_wrong_or_missing_token_is_refused_with_the_fix(
 
 
 @pytest.mark.integration
-def test_unschedulable_request_is_refused(cluster: LocalCluster, shared: Path) -> None:
+def test_unschedulable_request_is_refused(
+    cluster: LocalCluster, shared: Path, data_cache: Path
+) -> None:
     env = _with_token(cluster)
     gpus = orch(
         "submit",
         BERT,
-        *_sets(*TINY, *_storage(shared), "scaling.use_gpu=true", "scaling.num_workers=4"),
+        *_sets(
+            *TINY, *_storage(shared, data_cache), "scaling.use_gpu=true", "scaling.num_workers=4"
+        ),
         env=env,
     )
     _refused(gpus, "needs 4 GPU across 4 worker(s)", "the cluster has 0 GPU on 2 node(s)")
     spread = orch(
         "submit",
         BERT,
-        *_sets(*TINY, *_storage(shared), "scaling.num_workers=3",
+        *_sets(*TINY, *_storage(shared, data_cache), "scaling.num_workers=3",
                "scaling.placement_strategy=STRICT_SPREAD"),
         env=env,
     )  # fmt: skip
@@ -327,16 +332,16 @@ def test_unschedulable_request_is_refused(cluster: LocalCluster, shared: Path) -
 
 @pytest.mark.integration
 def test_upload_over_rays_limit_is_refused_before_uploading(
-    cluster: LocalCluster, shared: Path
+    cluster: LocalCluster, shared: Path, data_cache: Path
 ) -> None:
     # Ray reads its upload limit from this variable; a tiny one makes the checkout "too large".
     env = _with_token(cluster, RAY_max_grpc_message_size="100000")
-    result = orch("submit", BERT, *_sets(*TINY, *_storage(shared)), env=env)
+    result = orch("submit", BERT, *_sets(*TINY, *_storage(shared, data_cache)), env=env)
     _refused(result, "over Ray's limit of 0.1 MiB", "the largest entries:", "excludes")
 
 
 @pytest.mark.integration
-def test_cluster_without_auth_is_refused_unless_allowed(shared: Path) -> None:
+def test_cluster_without_auth_is_refused_unless_allowed(shared: Path, data_cache: Path) -> None:
     directory = Path(tempfile.mkdtemp(prefix="oi", dir="/tmp"))
     port = _free_port()
     env = _client_env(RAY_AUTH_MODE="disabled", ORCH_CLUSTER_DIR=str(directory))
@@ -351,7 +356,7 @@ def test_cluster_without_auth_is_refused_unless_allowed(shared: Path) -> None:
             env=env, check=True, capture_output=True, timeout=120,
         )  # fmt: skip
         client = _client_env(ORCH_ADDRESS=f"http://127.0.0.1:{port}")
-        args = ["submit", BERT, *_sets(*TINY, *_storage(shared))]
+        args = ["submit", BERT, *_sets(*TINY, *_storage(shared, data_cache))]
         _refused(orch(*args, env=client), "accepts job submissions without authentication")
         # --allow-insecure gets past that refusal; the fit check then stops this request
         # (2 workers of 1 CPU on a 1-CPU head), so nothing runs on the open cluster.
@@ -443,7 +448,7 @@ def test_cluster_configs_use_token_auth_and_this_ray() -> None:
     import ray
     import yaml
 
-    from orchestrator.jobs.fit import worker_resources
+    from orchestrator.plan import worker_resources
     from orchestrator.load import load_workload
 
     launcher = yaml.safe_load((ROOT / "cluster" / "gpu-aws.yaml").read_text())

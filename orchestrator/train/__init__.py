@@ -1,1 +1,1 @@
-"""Training: the per-worker loop, its engines (DDP, DeepSpeed), checkpoints and the Ray Train run."""
+"""Training: the worker loop, its engines (DDP, DeepSpeed), checkpoints, the Ray Train run."""

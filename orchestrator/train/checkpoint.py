@@ -15,6 +15,7 @@ __all__ = [
     "CheckpointMismatch",
     "Manifest",
     "checkpoint_manifest",
+    "checkpoint_uri",
     "export_model",
     "library_versions",
     "manifest_in",
@@ -104,6 +105,18 @@ def manifest_in(fs: Any, directory: str) -> Manifest:
 def checkpoint_manifest(checkpoint: Any) -> Manifest:
     """The manifest of a `ray.train.Checkpoint`, read where it lies (no download of weights)."""
     return manifest_in(checkpoint.filesystem, checkpoint.path)
+
+
+def checkpoint_uri(checkpoint: Any) -> str:
+    """Where a Ray checkpoint lies, as one string a worker can open again: a local path, or a
+    URI on the checkpoint's remote filesystem."""
+    import pyarrow.fs as pafs
+
+    fs = checkpoint.filesystem
+    if fs is None or isinstance(fs, pafs.LocalFileSystem):
+        return str(checkpoint.path)
+    scheme = {"gcs": "gs"}.get(fs.type_name, fs.type_name)
+    return f"{scheme}://{checkpoint.path}"
 
 
 def export_model(checkpoint_dir: str, out_dir: str, meta: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""The per-worker training loop: reads top to bottom, from a plain config to reported metrics.
+"""The per-worker training loop: reads top to bottom, from its typed config to reported metrics.
 
 Runs inside each Ray Train worker. Every rank follows the same schedule of `ray.train.report`
 calls (it is a collective), so logging, evaluation and checkpointing happen on the same steps
@@ -11,20 +11,12 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import TypeAdapter
 
-from orchestrator.train.checkpoint import (
-    Manifest,
-    checkpoint_manifest,
-    library_versions,
-    write_manifest,
-)
 from orchestrator.data.stream import (
     StartedEarly,
     decode_images,
@@ -32,36 +24,18 @@ from orchestrator.data.stream import (
     eval_batches,
     mask_tokens,
 )
+from orchestrator.models import build_model, task_of
+from orchestrator.spec import TrainSpec
+from orchestrator.train.checkpoint import (
+    Manifest,
+    checkpoint_manifest,
+    library_versions,
+    write_manifest,
+)
+from orchestrator.train.config import WorkerConfig
 from orchestrator.train.engines import accumulation_steps, make_engine, no_grad_eval
-from orchestrator.models import DataInfo, build_model, task_of
-from orchestrator.spec import DeepSpeedSpec, ModelSpec, TrainSpec
 
-__all__ = ["LoopConfig", "steps_per_epoch", "total_steps", "train_loop"]
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """The slice of the workload a worker needs, re-validated on the worker."""
-
-    model: Any
-    train: TrainSpec
-    deepspeed: DeepSpeedSpec | None
-    data: dict[str, Any]  # manifest facts + mlm_probability, shuffle_buffer, augment
-    data_info: DataInfo
-    model_config_hash: str
-    initial_checkpoint: Any = None  # a ray.train.Checkpoint of another run to start from
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> LoopConfig:
-        return cls(
-            model=TypeAdapter(ModelSpec).validate_python(raw["model"]),
-            train=TrainSpec.model_validate(raw["train"]),
-            deepspeed=DeepSpeedSpec.model_validate(raw["deepspeed"]) if raw["deepspeed"] else None,
-            data=raw["data"],
-            data_info=DataInfo(**raw["data_info"]),
-            model_config_hash=raw["model_config_hash"],
-            initial_checkpoint=raw.get("initial_checkpoint"),
-        )
+__all__ = ["steps_per_epoch", "total_steps", "train_loop"]
 
 
 def steps_per_epoch(train_rows: int, train: TrainSpec, world: int) -> int:
@@ -78,14 +52,14 @@ def total_steps(train_rows: int, train: TrainSpec, world: int) -> int:
 def train_loop(raw_config: dict[str, Any]) -> None:
     import ray.train
 
-    cfg = LoopConfig.from_dict(raw_config)
+    cfg = WorkerConfig.model_validate(raw_config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     train = cfg.train
 
     accum = accumulation_steps(train, world)
-    per_epoch = steps_per_epoch(cfg.data["train_rows"], train, world)  # > 0: checked by run.py
-    total = total_steps(cfg.data["train_rows"], train, world)
+    per_epoch = steps_per_epoch(cfg.dataset.train_rows, train, world)  # > 0: checked by run.py
+    total = total_steps(cfg.dataset.train_rows, train, world)
     epochs = math.ceil(total / per_epoch)
     task = task_of(cfg.model)
     me = Manifest(
@@ -102,7 +76,7 @@ def train_loop(raw_config: dict[str, Any]) -> None:
     step, start_epoch, skip = 0, 0, 0
     # The run's own checkpoint (a restart) wins over the one it was started from (a sweep's
     # PBT exploit); both pass the same manifest check, before any model is built.
-    checkpoint = ray.train.get_checkpoint() or cfg.initial_checkpoint
+    checkpoint = ray.train.get_checkpoint() or _initial(cfg.initial_checkpoint)
     if checkpoint is not None:
         saved = checkpoint_manifest(checkpoint)
         saved.check_resumable_by(me, f"checkpoint {checkpoint.path}")
@@ -114,7 +88,7 @@ def train_loop(raw_config: dict[str, Any]) -> None:
     # processes); fetching the first batch now overlaps that with building the model.
     first_epoch = StartedEarly(
         epoch_batches(
-            train_shard, train.micro_batch_size, train.seed, start_epoch, cfg.data["shuffle_buffer"]
+            train_shard, train.micro_batch_size, train.seed, start_epoch, cfg.stream.shuffle_buffer
         )
     )
 
@@ -135,7 +109,7 @@ def train_loop(raw_config: dict[str, Any]) -> None:
             first_epoch
             if epoch == start_epoch
             else epoch_batches(
-                train_shard, train.micro_batch_size, train.seed, epoch, cfg.data["shuffle_buffer"]
+                train_shard, train.micro_batch_size, train.seed, epoch, cfg.stream.shuffle_buffer
             )
         )
         consumed = 0
@@ -191,7 +165,7 @@ class _Window:
         self.samples += n
 
     def flush(
-        self, step: int, epoch: int, lr: float, cfg: LoopConfig, world: int
+        self, step: int, epoch: int, lr: float, cfg: WorkerConfig, world: int
     ) -> dict[str, Any]:
         elapsed = time.perf_counter() - self.start
         totals = _all_sum(torch.tensor([self.loss_sum, self.count, self.samples, self.wait]))
@@ -207,8 +181,8 @@ class _Window:
             "data_wait_s": wait / world / steps,
             "data_wait_share": (wait / world) / elapsed,
         }
-        if cfg.data["kind"] == "text":
-            out["tokens_per_s"] = out["samples_per_s"] * cfg.data["seq_len"]
+        if cfg.dataset.seq_len is not None:
+            out["tokens_per_s"] = out["samples_per_s"] * cfg.dataset.seq_len
         self.last_step = step
         return out
 
@@ -219,39 +193,42 @@ class _Window:
 
 
 def _prepare(
-    batch: dict[str, Any], task: str, cfg: LoopConfig, engine: Any, gen: torch.Generator
+    batch: dict[str, Any], task: str, cfg: WorkerConfig, engine: Any, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A stored batch -> (model inputs, labels) on the engine's device."""
     if task == "masked_lm":
-        tok = cfg.data["tokenizer"]
-        specials = [
-            i
-            for i in (tok["pad_id"], tok["sep_id"], tok["cls_id"], tok["mask_id"])
-            if i is not None
-        ]
+        tok = cfg.dataset.tokenizer
+        assert tok is not None and tok.mask_id is not None  # checked by worker_config
         inputs, labels = mask_tokens(
             batch["input_ids"].long(),
-            mask_id=tok["mask_id"],
-            vocab_size=tok["vocab_size"],
-            special_ids=specials,
-            probability=cfg.data["mlm_probability"],
+            mask_id=tok.mask_id,
+            vocab_size=tok.vocab_size,
+            special_ids=tok.special_ids(),
+            probability=cfg.stream.mlm_probability,
             generator=gen,
         )
     elif task == "causal_lm":
         inputs = labels = batch["input_ids"].long()
     else:
-        image = cfg.data["image"]
+        image = cfg.dataset.image
+        assert image is not None  # image data: the manifest says how it is stored
         inputs = decode_images(
             batch["image"],
-            encoding=image["encoding"],
-            shape=image["shape"],
+            encoding=image.encoding,
+            shape=image.shape,
             size=getattr(cfg.model, "image_size", 28),
             channels=cfg.data_info.channels or 1,
-            augment=cfg.data["augment"],
+            augment=cfg.stream.augment,
             generator=gen,
         ).to(engine.input_dtype)
         labels = batch["label"].long()
     return inputs.to(engine.device), labels.to(engine.device)
+
+
+def _initial(uri: str | None) -> Any:
+    import ray.train
+
+    return ray.train.Checkpoint(uri) if uri is not None else None
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -276,7 +253,7 @@ def _eval_shard() -> Any:
         return None
 
 
-def _evaluate(shard: Any, task: str, cfg: LoopConfig, engine: Any) -> dict[str, float]:
+def _evaluate(shard: Any, task: str, cfg: WorkerConfig, engine: Any) -> dict[str, float]:
     """Loss and accuracy (LMs: perplexity; classifiers: macro precision/recall/F1) on eval data."""
     if shard is None:
         return {}
@@ -332,9 +309,9 @@ def _all_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _batches_hint(cfg: LoopConfig, world: int) -> int:
+def _batches_hint(cfg: WorkerConfig, world: int) -> int:
     """Micro batches per worker per epoch (equal split, drop_last)."""
-    return (cfg.data["train_rows"] // world) // cfg.train.micro_batch_size
+    return (cfg.dataset.train_rows // world) // cfg.train.micro_batch_size
 
 
 def _report(

@@ -48,8 +48,9 @@ class PlacementGroupJanitor:
                 remove_placement_group(group)
 
 
-def train_loop_in_trial(config: dict[str, Any]) -> None:
-    """orch's training loop, after registering the run's placement group with the janitor."""
+def train_loop_in_trial(config: dict[str, Any], janitor: Any) -> None:
+    """orch's training loop, after registering the run's placement group with the janitor
+    (bound by the trial with functools.partial: it is no part of the training config)."""
     import ray.train
 
     from orchestrator.train.loop import train_loop
@@ -57,5 +58,5 @@ def train_loop_in_trial(config: dict[str, Any]) -> None:
     if ray.train.get_context().get_world_rank() == 0:
         group = ray.util.get_current_placement_group()
         if group is not None:
-            config["janitor"].track.remote(group, ray.get_runtime_context().current_actor)
+            janitor.track.remote(group, ray.get_runtime_context().current_actor)
     train_loop(config)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ import yaml
 
 from orchestrator.errors import RunError, TrainingFailed
 from orchestrator.spec import WorkloadSpec
+from orchestrator.train.trainer import PreparedRun
 from orchestrator.tune.observe import SweepObserver, register, unregister
 from orchestrator.tune.results import SweepResult, finish, row
 from orchestrator.tune.trial import TRIAL_CPU, TrialSetup
@@ -33,9 +33,6 @@ SWEEP_SPEC = "orch_sweep.yaml"
 
 class SweepInterrupted(TrainingFailed):
     """The sweep was stopped (Ctrl-C) before its trials ended; it can be resumed."""
-
-
-DATA_CPU_RESERVE = 1.0  # a Ray Data read task takes a whole CPU; the trials' reads share it
 
 
 def run_sweep(
@@ -54,24 +51,25 @@ def run_sweep(
     exists (what `orch run` does, as it does for runs).
     """
     from orchestrator.ray_session import ray_session
-    from orchestrator.run import local_dir, storage_uri
+    from orchestrator.train.trainer import local_dir, storage_uri
 
     if spec.tune is None:
         raise RunError("the workload has no tune section; use orch run")
     started = time.monotonic()
     name = name or spec.name
     with ray_session(address, verbose):
-        prepared, info = _prepare_and_check(spec, address, verbose, log)
+        run = _prepare_and_check(spec, address, verbose, log)
         concurrency = _concurrency(spec, on_this_machine=address is None)
         path = f"{storage_uri(spec.train.storage_path)}/{name}"
         local = Path(local_dir(path))
         restoring = _check_sweep_dir(path, spec, resume)
-        data_hash = prepared.manifest.get("cache_key") or prepared.manifest["source_fingerprint"]
+        manifest = run.prepared.manifest
+        data_hash = manifest.get("cache_key") or manifest["source_fingerprint"]
         parent = _start_tracking(spec, name, data_hash, local) if tracking else None
         if parent is not None:
             log(f"tracking: MLflow run {parent.run_id} (one nested run per trial)")
         observer = SweepObserver(spec, name, parent, data_hash, local, log)
-        setup = TrialSetup(spec=spec, prepared=prepared, info=info, sweep_path=path, janitor=None)
+        setup = TrialSetup(spec=spec, run=run, sweep_path=path, janitor=None)
         log(
             f"{'resuming' if restoring else 'starting'} sweep {name}: {concurrency} trial(s) "
             f"at a time, in {path}"
@@ -89,28 +87,15 @@ def run_sweep(
 
 def _prepare_and_check(
     spec: WorkloadSpec, address: str | None, verbose: bool, log: Callable[[str], None]
-) -> tuple[Any, Any]:
+) -> PreparedRun:
     """The data every trial shares, prepared once; RunError for what no trial could run."""
-    from orchestrator.data import DataError, prepare
-    from orchestrator.models import ModelError, resolve_custom
-    from orchestrator.plan import PlanError
-    from orchestrator.run import check_plan, data_info, loop_config
+    from orchestrator.train.trainer import prepare_run
 
     assert spec.tune is not None
-    try:
-        if spec.model.kind == "custom":
-            resolve_custom(spec.model.build)
-        prepared = prepare(spec.data, log=log, ray_address=address, verbose=verbose)
-        info = data_info(spec, prepared)
-        check_plan(spec, info, on_this_machine=address is None)
-    except DataError as exc:
-        raise RunError(f"data: {exc}") from None
-    except (PlanError, ModelError) as exc:
-        raise RunError(str(exc)) from None
-    loop_config(spec, prepared, info)  # the base workload must fit the data
-    if spec.tune.metric.startswith("eval_") and not prepared.files("eval"):
+    run = prepare_run(spec, address=address, verbose=verbose, log=log)
+    if spec.tune.metric.startswith("eval_") and not run.prepared.files("eval"):
         raise RunError(f"tune.metric: {spec.tune.metric} needs eval data, and there is none")
-    return prepared, info
+    return run
 
 
 def _fit(
@@ -212,37 +197,18 @@ def _tuner(setup: TrialSetup, concurrency: int, restoring: bool, verbose: bool) 
 
 
 def _concurrency(spec: WorkloadSpec, on_this_machine: bool) -> int:
-    """Trials at once: what the cluster holds, each trial with its workers, Ray Data a share.
-
-    Tune reserves only a trial's own small CPU share; its Train workers ask Ray afterwards, so
-    too many trials at once would hold every CPU and leave their workers waiting forever.
-    """
+    """Trials at once, as the plan allows (`plan.trials_at_once`)."""
     import ray
 
+    from orchestrator.plan import PlanError, trials_at_once
+
     assert spec.tune is not None
-    have = ray.cluster_resources()
-    per_worker = spec.scaling.resources_per_worker or {}
-    workers = spec.scaling.num_workers
-    cpus = TRIAL_CPU + workers * per_worker.get("CPU", 1.0)
-    gpus = workers * per_worker.get("GPU", 1.0 if spec.scaling.use_gpu else 0.0)
-    fit = math.floor((have.get("CPU", 0) - DATA_CPU_RESERVE) / cpus)
-    if gpus:
-        fit = min(fit, math.floor(have.get("GPU", 0) / gpus))
-    asked = spec.tune.max_concurrent_trials
-    if asked is None:
-        return max(1, fit)
-    if on_this_machine and asked > fit:
-        raise RunError(
-            f"tune.max_concurrent_trials: {asked} trials at once do not fit here: each takes "
-            f"{cpus:g} CPU ({TRIAL_CPU:g} for the trial, {workers} worker(s) x "
-            f"{per_worker.get('CPU', 1.0):g})"
-            + (f" and {gpus:g} GPU" if gpus else "")
-            + f", this machine has {have.get('CPU', 0):g} CPU"
-            + (f" and {have.get('GPU', 0):g} GPU" if gpus else "")
-            + f" with {DATA_CPU_RESERVE:g} CPU kept for Ray Data; use at most {max(fit, 0)}, "
-            "or null to let orch choose"
+    try:
+        return trials_at_once(
+            spec.scaling, spec.tune, ray.cluster_resources(), TRIAL_CPU, on_this_machine
         )
-    return asked
+    except PlanError as exc:
+        raise RunError(str(exc)) from None
 
 
 def _check_sweep_dir(path: str, spec: WorkloadSpec, resume: bool | None) -> bool:
@@ -274,10 +240,10 @@ def _check_sweep_dir(path: str, spec: WorkloadSpec, resume: bool | None) -> bool
 def _start_tracking(spec: WorkloadSpec, name: str, data_hash: str, local: Path) -> Any:
     if not spec.tracking.mlflow.enabled:
         return None
-    from orchestrator.tracking import Tracker, TrackingError
+    from orchestrator.tracking import TrackingError, start_tracker
 
     try:
-        return Tracker.start(spec, name, data_hash, local)
+        return start_tracker(spec, name, data_hash, local)
     except TrackingError as exc:
         raise RunError(str(exc)) from None
 

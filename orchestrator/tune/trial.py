@@ -1,9 +1,9 @@
 """One sweep trial: a Tune function trainable that runs a whole Ray Train run of the workload.
 
 The trial takes little CPU itself (its TorchTrainer's workers ask Ray for their own), checks its
-sampled config as a workload, and starts a TorchTrainer built by run.py. Only reports that carry
-the sweep's metric reach Tune: Tune refuses results without it, and it makes one training
-iteration one evaluation for ASHA's rungs.
+sampled config as a workload, and starts a TorchTrainer built by `orchestrator.train`. Only
+reports that carry the sweep's metric reach Tune: Tune refuses results without it, and it makes
+one training iteration one evaluation for ASHA's rungs.
 
 Under PBT the trial also registers its checkpoints with Tune, which PBT needs to exploit one
 trial's state in another. Ray's TuneReportCallback sends metrics only (the checkpoint path as a
@@ -22,9 +22,9 @@ from typing import Any
 from ray.train import UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from orchestrator.data import PreparedData
-from orchestrator.models import DataInfo
 from orchestrator.spec import WorkloadSpec, sample_errors
+from orchestrator.train.checkpoint import checkpoint_uri
+from orchestrator.train.trainer import PreparedRun
 
 __all__ = ["SampleError", "TrialSetup", "run_trial", "trial_dir_name"]
 
@@ -40,8 +40,7 @@ class TrialSetup:
     """What every trial shares: the workload, the data prepared once, where the sweep lives."""
 
     spec: WorkloadSpec
-    prepared: PreparedData
-    info: DataInfo
+    run: PreparedRun
     sweep_path: str  # the Tune experiment directory (local path or URI)
     janitor: Any  # a PlacementGroupJanitor (janitor.py); None until the Tuner starts
 
@@ -67,10 +66,12 @@ def resolve(spec: WorkloadSpec, config: dict[str, Any]) -> WorkloadSpec:
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """The Tune trainable: one full, resumable Ray Train run of the sampled workload."""
+    import functools
+
     import ray.train
     from ray import tune
 
-    from orchestrator.run import build_trainer, explain, export_final, loop_config
+    from orchestrator.train.trainer import build_trainer, explain, export_final, worker_config
     from orchestrator.tune.janitor import train_loop_in_trial
 
     spec = resolve(setup.spec, config)
@@ -79,12 +80,11 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     context = tune.get_context()
     storage = f"{setup.sweep_path}/{_TRIAL_DIR.format(context.get_trial_id())}"
     given = tune.get_checkpoint()
-    start = ray.train.Checkpoint(given.path, given.filesystem) if given is not None else None
+    start = checkpoint_uri(given) if given is not None else None
     # A new Train run per checkpoint Tune hands over, named by it, so a retry of the same
     # trial continues that run instead of starting over.
     name = "train" if given is None else f"train-{_short_hash(given.path)}"
-    train_config = loop_config(spec, setup.prepared, setup.info, start)
-    train_config["janitor"] = setup.janitor
+    train_config = worker_config(spec, setup.run, start)
     extra = {"restored_from": _source_trial(given.path)} if given is not None else {}
     if (ended := _ended_run(f"{storage}/{name}")) is not None:
         # The run finished while the sweep was being stopped, before Tune heard of its end.
@@ -100,12 +100,12 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         callbacks = [_MetricReports(metric)]
     trainer = build_trainer(
         spec,
-        setup.prepared,
+        setup.run,
         train_config,
         name=name,
         storage=storage,
         callbacks=callbacks,
-        loop=train_loop_in_trial,
+        loop=functools.partial(train_loop_in_trial, janitor=setup.janitor),
     )
     try:
         result = (
@@ -113,7 +113,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         )
     except ray.train.TrainingFailedError as exc:
         raise explain(exc) from None
-    export_final(result, train_config, spec)
+    export_final(result, train_config)
 
 
 class _MetricReports(TuneReportCallback):

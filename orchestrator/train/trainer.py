@@ -1,0 +1,263 @@
+"""One Ray Train run of a workload, as `orch run`, a sweep's trials and a cluster job start it.
+
+`prepare_run` does what every run of a workload shares (data prepared once, facts checked
+against the model, the plan checked), `worker_config` makes the typed config each worker gets,
+`build_trainer` the TorchTrainer, `export_final` the plain fp32 model at the end.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.errors import RunError, TrainingFailed
+from orchestrator.models import DataInfo, ModelError, config_hash, resolve_custom
+from orchestrator.spec import WorkloadSpec
+from orchestrator.train.checkpoint import CheckpointMismatch, Manifest, export_model, manifest_in
+from orchestrator.train.config import DatasetFacts, StreamSettings, WorkerConfig
+from orchestrator.train.engines import accumulation_steps
+from orchestrator.train.loop import steps_per_epoch, train_loop
+
+if TYPE_CHECKING:
+    import ray.train
+
+    from orchestrator.data import PreparedData
+
+__all__ = [
+    "PreparedRun",
+    "build_trainer",
+    "explain",
+    "export_checkpoint",
+    "export_final",
+    "local_dir",
+    "prepare_run",
+    "resumable_checkpoint",
+    "storage_uri",
+    "worker_config",
+]
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """What every run of a workload shares: the data, prepared once, and what it holds."""
+
+    prepared: PreparedData
+    dataset: DatasetFacts
+    info: DataInfo  # what the model takes from the data: vocabulary, classes, channels
+
+
+def prepare_run(
+    spec: WorkloadSpec,
+    *,
+    address: str | None,
+    verbose: bool,
+    log: Callable[[str], None],
+) -> PreparedRun:
+    """Prepare the data (or find it cached) and refuse, as RunError, what no run could train.
+
+    Needs a Ray session. Checks against this machine's resources only when `address` is None:
+    a cluster's fit is judged by `orch submit`, before the job exists.
+    """
+    from orchestrator.data import DataError, prepare
+    from orchestrator.plan import PlanError, check_here
+
+    try:
+        if spec.model.kind == "custom":
+            resolve_custom(spec.model.build)
+        prepared = prepare(spec.data, log=log, ray_address=address, verbose=verbose)
+    except DataError as exc:
+        raise RunError(f"data: {exc}") from None
+    except ModelError as exc:
+        raise RunError(str(exc)) from None
+    run = PreparedRun(
+        prepared, DatasetFacts.from_manifest(prepared.manifest), _data_info(spec, prepared)
+    )
+    try:
+        if address is None:
+            check_here(spec, run.info)
+    except (PlanError, ModelError) as exc:
+        raise RunError(str(exc)) from None
+    worker_config(spec, run)  # the workload's batches must fit the data
+    return run
+
+
+def _data_info(spec: WorkloadSpec, prepared: PreparedData) -> DataInfo:
+    m = prepared.manifest
+    if m["kind"] == "text":
+        tokenizer = m.get("tokenizer") or {}
+        return DataInfo(vocab_size=tokenizer.get("vocab_size"))
+    image = m["image"]
+    num_classes = image["num_classes"]
+    model_classes = getattr(spec.model, "num_classes", None)
+    if model_classes is not None and model_classes < num_classes:
+        raise RunError(
+            f"model.num_classes is {model_classes} but the data has {num_classes} classes "
+            f"(labels up to {num_classes - 1}); set model.num_classes: {num_classes}"
+        )
+    channels = image["shape"][2] if image["shape"] else getattr(spec.model, "in_channels", 3)
+    model_channels = getattr(spec.model, "in_channels", channels)
+    if model_channels != channels:
+        raise RunError(f"model.in_channels is {model_channels} but the images have {channels}")
+    return DataInfo(num_classes=model_classes or num_classes, channels=channels)
+
+
+def worker_config(
+    spec: WorkloadSpec, run: PreparedRun, initial_checkpoint: str | None = None
+) -> WorkerConfig:
+    """The config each worker gets; RunError if the data cannot serve this workload.
+
+    `initial_checkpoint` (a path or URI) starts a new run from another run's weights.
+    """
+    dataset = run.dataset
+    if spec.model.kind == "bert_mlm" and not (dataset.tokenizer and dataset.tokenizer.mask_id):
+        raise RunError("data: bert_mlm needs a tokenizer with a [MASK] token (use kind wordpiece)")
+    workers = spec.scaling.num_workers
+    if steps_per_epoch(dataset.train_rows, spec.train, workers) == 0:
+        accum = accumulation_steps(spec.train, workers)
+        raise RunError(
+            f"data: the training split ({dataset.train_rows} rows) is smaller than one global "
+            f"batch ({spec.train.micro_batch_size} x {workers} workers x {accum} accumulation); "
+            "use more data or smaller batches"
+        )
+    return WorkerConfig(
+        model=spec.model,
+        train=spec.train,
+        deepspeed=spec.deepspeed,
+        stream=StreamSettings.model_validate(
+            spec.data.model_dump(include=set(StreamSettings.model_fields))
+        ),
+        dataset=dataset,
+        data_info=run.info,
+        model_config_hash=config_hash(spec.model, run.info),
+        initial_checkpoint=initial_checkpoint,
+    )
+
+
+def build_trainer(
+    spec: WorkloadSpec,
+    run: PreparedRun,
+    config: WorkerConfig,
+    *,
+    name: str,
+    storage: str,
+    callbacks: list[Any],
+    loop: Callable[[dict[str, Any]], None] = train_loop,
+) -> Any:
+    """The TorchTrainer of one run: `orch run`'s, or one sweep trial's (`loop` wraps the loop)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.data import open_splits
+    from orchestrator.data.stream import ingest_config
+
+    return TorchTrainer(
+        loop,
+        train_loop_config=config.to_ray(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=spec.scaling.num_workers,
+            use_gpu=spec.scaling.use_gpu,
+            resources_per_worker=spec.scaling.resources_per_worker,
+            placement_strategy=spec.scaling.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=spec.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+            callbacks=callbacks,
+        ),
+        datasets=open_splits(
+            run.prepared, seed=spec.train.seed, shuffle=spec.data.shuffle_buffer > 0
+        ),
+        dataset_config=ingest_config(),
+    )
+
+
+def export_final(result: ray.train.Result, config: WorkerConfig) -> str | None:
+    """Export the run's last checkpoint as a plain fp32 model next to it; None without one."""
+    if result.checkpoint is None:
+        return None
+    return export_checkpoint(result.checkpoint, result.path, config)
+
+
+def export_checkpoint(checkpoint: ray.train.Checkpoint, run_path: str, config: WorkerConfig) -> str:
+    with checkpoint.as_directory() as directory:
+        return export_model(
+            directory,
+            os.path.join(local_dir(run_path), "model"),
+            {
+                "model": config.model.model_dump(mode="json"),
+                "data": config.data_info.__dict__,
+                "task": config.model.kind,
+            },
+        )
+
+
+def resumable_checkpoint(
+    storage: str, name: str, spec: WorkloadSpec, model_hash: str
+) -> tuple[str, int] | None:
+    """Refuse on the driver, before any worker starts, a run directory this run cannot resume.
+
+    Returns the newest checkpoint (URI, step), if any. The workers check again against the
+    checkpoint Ray actually hands them.
+    """
+    import pyarrow.fs as pafs
+
+    from orchestrator.train.checkpoint import MANIFEST
+
+    fs, root = (
+        pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+    )
+    run_dir = f"{root.rstrip('/')}/{name}"
+    if fs.get_file_info(run_dir).type != pafs.FileType.Directory:
+        return None
+    steps = sorted(
+        info.path
+        for info in fs.get_file_info(pafs.FileSelector(run_dir))
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("step-")
+    )
+    for path in reversed(steps):
+        if fs.get_file_info(f"{path}/{MANIFEST}").type != pafs.FileType.File:
+            continue
+        saved = manifest_in(fs, path)
+        zero = spec.deepspeed.zero_stage if spec.deepspeed else None
+        me = Manifest(0, 0, 0, spec.scaling.num_workers, zero, spec.train.precision, model_hash, {})
+        try:
+            saved.check_resumable_by(me, f"checkpoint {path}")
+        except CheckpointMismatch as exc:
+            raise RunError(str(exc)) from None
+        return (f"{storage.rstrip('/')}/{name}/{path.rsplit('/', 1)[-1]}", saved.step)
+    return None
+
+
+def storage_uri(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def local_dir(path: str) -> str:
+    if "://" in path:  # remote storage: export next to the working directory instead
+        return os.path.abspath(os.path.join("orch_exports", path.rstrip("/").split("/")[-1]))
+    return path
+
+
+def explain(exc: Exception) -> Exception:
+    """User mistakes found on a worker become RunError; anything else is a training failure."""
+    failures = getattr(exc, "worker_failures", {}) or {}
+    for error in failures.values():
+        cause = error
+        while cause is not None:
+            if isinstance(cause, (CheckpointMismatch, ModelError)):
+                return RunError(str(cause))
+            cause = cause.__cause__
+        text = str(error)
+        for kind in ("CheckpointMismatch", "ModelError"):
+            if kind in text:
+                return RunError(_last_line(text, kind))
+    return TrainingFailed(str(exc))
+
+
+def _last_line(text: str, kind: str) -> str:
+    lines = [line for line in text.splitlines() if kind in line]
+    return lines[-1].split(f"{kind}: ", 1)[-1] if lines else text
