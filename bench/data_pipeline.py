@@ -20,7 +20,7 @@ it down afterwards; a Ray started elsewhere is never joined or stopped.
      subtracted (the headline figure); the training call inside prepare() is timed as well,
      as a check. What is left is tokenizing with Ray Data, packing on the driver and writing
      the shards.
-   - prepare's Ray Data tokenize stage alone (`prepare._tokenized`, read to the end).
+   - prepare's Ray Data tokenize stage alone (`text.tokenized`, read to the end).
    - the same tokenizer (loaded from the prepared tokenizer.json) in plain Python over the
      lines already in memory: `encode(line)` per line, `encode_batch(lines)` and
      `encode_batch_fast(lines)` in one call.
@@ -68,14 +68,17 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from orchestrator.data.prepare import PreparedData, _texts, _tokenized, prepare, text_schema
+from orchestrator.data.formats import FORMATS, TextFormat
+from orchestrator.data.prepare import PreparedData, prepare, text_schema
 from orchestrator.data.sources import find_source
 from orchestrator.data.stream import epoch_batches, mask_tokens, open_splits
+from orchestrator.data.text import texts as read_texts
+from orchestrator.data.text import tokenized
 from orchestrator.data.tokenizer import train_tokenizer
 from orchestrator.spec import DataSpec
 
-# `orchestrator.data.prepare` is also the name of the function the package exports
-prepare_module = importlib.import_module("orchestrator.data.prepare")
+# prepare() trains its tokenizer through the text module's `train_tokenizer`
+text_module = importlib.import_module("orchestrator.data.text")
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -156,7 +159,7 @@ def bench_tokenization(
     def spec(path: Path, run: int) -> DataSpec:  # a fresh cache_dir: really prepare
         return DataSpec(train=str(path), cache_dir=str(work / f"cache-{run}"), seq_len=SEQ_LEN)
 
-    # prepare() looks train_tokenizer up in its module: time each call it makes, too.
+    # prepare() looks train_tokenizer up in the text module: time each call it makes, too.
     in_run: list[float] = []
 
     def timed_training(*args: Any, **kwargs: Any) -> Any:
@@ -165,31 +168,35 @@ def bench_tokenization(
         return tok
 
     source = find_source(str(corpus))
+    text_format = FORMATS["text"]
+    assert isinstance(text_format, TextFormat)
     # Ray is up before prepare(), which reuses it, and a small prepare() first starts Ray
     # Data's workers, so neither Ray's start-up nor the first workers' imports are timed.
     _start_ray()
     prepare_runs, train_runs = [], []
     try:
         prepare(spec(warmup, -1))
-        prepare_module.train_tokenizer = timed_training
+        text_module.train_tokenizer = timed_training
         in_run.clear()
         for run in range(repeats):
             prepared, seconds = _timed(lambda run=run: prepare(spec(corpus, run)))
             prepare_runs.append(seconds)
             # the same training on the same corpus, on its own, right after
-            texts = _texts(source, "text", spec(corpus, run))
+            texts = read_texts(source, text_format, spec(corpus, run))
             tok_spec = spec(corpus, run).tokenizer
             train_runs.append(_timed(lambda t=texts, k=tok_spec: train_tokenizer(k, t))[1])
-        prepare_module.train_tokenizer = train_tokenizer
+        text_module.train_tokenizer = train_tokenizer
         tok_json = (Path(prepared.root) / "tokenizer.json").read_text(encoding="utf-8")
 
         def ray_stage() -> int:
-            return sum(len(ids) for ids in _tokenized(source, "text", spec(corpus, 0), tok_json))
+            return sum(
+                len(ids) for ids in tokenized(source, text_format, spec(corpus, 0), tok_json)
+            )
 
         stage_runs = [_timed(ray_stage) for _ in range(repeats)]
         stage_tokens, stage_s = stage_runs[0][0], min(t for _, t in stage_runs)
     finally:
-        prepare_module.train_tokenizer = train_tokenizer
+        text_module.train_tokenizer = train_tokenizer
         ray.shutdown()
     prepare_s, train_s = min(prepare_runs), min(train_runs)
     in_run_s = min(p - t for p, t in zip(prepare_runs, in_run, strict=True))

@@ -31,54 +31,50 @@ from pathlib import Path
 
 import torch
 
+from orchestrator import WorkloadSpec
+
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the workload builders the tests use
+from builders import quoted, tiny_bert  # noqa: E402
+
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-MICRO, SEQ, WORKERS = 16, 64, 2
-MODEL = {
-    "kind": "bert_mlm",
-    "hidden_size": 128,
-    "num_layers": 2,
-    "num_heads": 2,
-    "max_seq_len": 128,
-    "dropout": 0.0,
-}
+MICRO, SEQ, WORKERS, LAYERS, HIDDEN = 16, 64, 2, 2, 128
 
 
 SHUFFLE_BUFFER = 2048  # the spec's default; --shuffle-buffer changes it
 
 
-def workload(tmp: Path, steps: int) -> dict:
-    return {
-        "name": "bench-bert",
-        "model": MODEL,
-        "data": {
-            "train": str(CORPUS),
-            "seq_len": SEQ,
-            "tokenizer": {"vocab_size": 4000},
-            "cache_dir": str(tmp / "cache"),
-            "eval_fraction": 0.02,
-            "shuffle_buffer": SHUFFLE_BUFFER,
-        },
-        "train": {
-            "max_steps": steps,
-            "micro_batch_size": MICRO,
-            "log_every": 10,
-            "optimizer": {"lr": 1e-3},
-            "storage_path": str(tmp / "runs"),
-        },
-        "scaling": {"num_workers": WORKERS, "resources_per_worker": {"CPU": 0.5}},
-        "tracking": {"mlflow": {"enabled": False}},
-    }
+def workload(tmp: Path, steps: int, *sets: str) -> WorkloadSpec:
+    """The tests' tiny BERT, wider, on the whole corpus: plain DDP, fp32, evaluated at the end."""
+    return tiny_bert(
+        CORPUS.parent,
+        tmp / "cache",
+        tmp,
+        "name=bench-bert",
+        f"model.num_layers={LAYERS}",
+        f"model.hidden_size={HIDDEN}",
+        "model.max_seq_len=128",
+        "data.limit=null",
+        f"data.seq_len={SEQ}",
+        "data.tokenizer.vocab_size=4000",
+        "data.eval_fraction=0.02",
+        f"data.shuffle_buffer={SHUFFLE_BUFFER}",
+        f"train.max_steps={steps}",
+        f"train.micro_batch_size={MICRO}",
+        "train.log_every=10",
+        "train.eval_batches=null",
+        "train.optimizer.lr=1e-3",
+        f"scaling.num_workers={WORKERS}",
+        *sets,
+    )
 
 
-def run_orch(tmp: Path, steps: int, name: str) -> dict:
+def run_orch(spec: WorkloadSpec, name: str) -> dict:
     """Run orch in-process on a fresh local Ray; return its reports."""
     import ray
 
     from orchestrator.run import run_workload
-    from orchestrator.spec import WorkloadSpec
 
-    spec = WorkloadSpec.model_validate(workload(tmp, steps))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         result = run_workload(spec, name=name)
@@ -93,16 +89,18 @@ def run_orch(tmp: Path, steps: int, name: str) -> dict:
     }
 
 
-def _baseline_worker(rank: int, path: str, steps: int, port: int, out: str) -> None:
-    """One rank of the plain-PyTorch baseline: DDP over gloo, data in memory."""
+def _baseline_worker(
+    rank: int, path: str, steps: int, port: int, out: str, spec: WorkloadSpec
+) -> None:
+    """One rank of the plain-PyTorch baseline: DDP over gloo, data in memory, `spec`'s model,
+    optimizer, schedule and masking."""
     import numpy as np
     import pyarrow.parquet as pq
     import torch.distributed as dist
 
     from orchestrator.data.stream import mask_tokens
-    from orchestrator.train.engines import lr_lambda, make_optimizer
     from orchestrator.models import DataInfo, build_model
-    from orchestrator.spec import OptimizerSpec, SchedulerSpec
+    from orchestrator.train.engines import lr_lambda, make_optimizer
 
     torch.set_num_threads(1)  # what Ray gives a worker with half a CPU (OMP_NUM_THREADS=1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -114,10 +112,10 @@ def _baseline_worker(rank: int, path: str, steps: int, port: int, out: str) -> N
     ids = torch.from_numpy(np.stack(column.to_numpy(zero_copy_only=False))).long()[rank::WORKERS]
     torch.manual_seed(42)
     model = torch.nn.parallel.DistributedDataParallel(
-        build_model(MODEL, DataInfo(vocab_size=tok["vocab_size"]))
+        build_model(spec.model, DataInfo(vocab_size=tok["vocab_size"]))
     )
-    optimizer = make_optimizer(OptimizerSpec(lr=1e-3), model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(SchedulerSpec(), steps))
+    optimizer = make_optimizer(spec.train.optimizer, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.train.scheduler, steps))
     gen = torch.Generator().manual_seed(rank)
     specials = [tok["pad_id"], tok["sep_id"], tok["cls_id"], tok["mask_id"]]
     times = []
@@ -129,7 +127,7 @@ def _baseline_worker(rank: int, path: str, steps: int, port: int, out: str) -> N
             mask_id=tok["mask_id"],
             vocab_size=tok["vocab_size"],
             special_ids=specials,
-            probability=0.15,
+            probability=spec.data.mlm_probability,
             generator=gen,
         )
         logits = model(inputs).logits
@@ -148,10 +146,10 @@ def _baseline_worker(rank: int, path: str, steps: int, port: int, out: str) -> N
         Path(out).write_text(json.dumps({"step_time_s": sum(steady) / len(steady)}))
 
 
-def run_baseline(prepared_root: str, steps: int, tmp: Path) -> dict:
+def run_baseline(prepared_root: str, spec: WorkloadSpec, steps: int, tmp: Path) -> dict:
     out = tmp / "baseline.json"
     torch.multiprocessing.spawn(
-        _baseline_worker, args=(prepared_root, steps, 29571, str(out)), nprocs=WORKERS
+        _baseline_worker, args=(prepared_root, steps, 29571, str(out), spec), nprocs=WORKERS
     )
     step_time = json.loads(out.read_text())["step_time_s"]
     return {"step_time_s": step_time, "samples_per_s": MICRO * WORKERS / step_time}
@@ -159,12 +157,10 @@ def run_baseline(prepared_root: str, steps: int, tmp: Path) -> dict:
 
 def time_to_first_step(tmp: Path, cold: bool) -> float:
     """Seconds from launching `orch run` to its first reported step."""
-    spec = workload(tmp, 3)
-    spec["train"]["log_every"] = 1
-    if cold:
-        spec["data"]["cache_dir"] = str(tmp / f"cold-{time.time_ns()}")
+    cache = [f"data.cache_dir={quoted(tmp / f'cold-{time.time_ns()}')}"] if cold else []
+    spec = workload(tmp, 3, "train.log_every=1", *cache)
     path = tmp / "first.yaml"
-    path.write_text(json.dumps(spec))
+    path.write_text(json.dumps(spec.model_dump(mode="json")))
     name = f"first-{time.time_ns()}"
     started = time.monotonic()
     proc = subprocess.Popen(
@@ -258,9 +254,10 @@ def main() -> None:
     globals()["SHUFFLE_BUFFER"] = args.shuffle_buffer
     tmp = Path(tempfile.mkdtemp(prefix="orch-bench-"))
     try:
-        orch = run_orch(tmp, args.steps, "throughput")
+        spec = workload(tmp, args.steps)
+        orch = run_orch(spec, "throughput")
         prepared = next((tmp / "cache").iterdir())
-        baseline = run_baseline(str(prepared), args.steps, tmp)
+        baseline = run_baseline(str(prepared), spec, args.steps, tmp)
         warm = cold = floor = data_floor = float("nan")
         if not args.skip_startup:
             warm = time_to_first_step(tmp, cold=False)
@@ -270,7 +267,7 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report = {
-        "setup": f"tiny BERT {MODEL['num_layers']}x{MODEL['hidden_size']}, micro batch {MICRO} x "
+        "setup": f"tiny BERT {LAYERS}x{HIDDEN}, micro batch {MICRO} x "
         f"seq {SEQ}, {WORKERS} CPU workers, DDP fp32, {args.steps} steps, "
         f"shuffle buffer {SHUFFLE_BUFFER}",
         "orch_samples_per_s": round(orch["samples_per_s"], 1),

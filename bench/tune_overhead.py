@@ -26,40 +26,35 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator import WorkloadSpec
+
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the workload builders the tests use
+from builders import tiny_sweep  # noqa: E402
+
 MNIST = ROOT.parent / "shared" / "data"
 CONCURRENCY = 2
 
 
-def workload(tmp: Path, trials: int, steps: int) -> dict[str, Any]:
-    return {
-        "name": "bench-sweep",
-        "model": {"kind": "cnn", "channels": [16, 32]},
-        "data": {
-            "train": str(MNIST),
-            "format": "mnist",
-            "eval_fraction": 0.2,
-            "cache_dir": str(tmp / "cache"),
-        },
-        "train": {
-            "max_steps": steps,
-            "micro_batch_size": 32,
-            "log_every": 10,
-            "eval_batches": 4,
-            "optimizer": {"lr": 1e-3, "weight_decay": 0.0},
-            "storage_path": str(tmp / "runs"),
-        },
-        "scaling": {"num_workers": 1, "resources_per_worker": {"CPU": 0.25}},
+def workload(tmp: Path, trials: int, steps: int) -> WorkloadSpec:
+    """The tests' tiny sweep with 16/32 channels, random learning rates, FIFO."""
+    return tiny_sweep(
+        MNIST,
+        tmp / "cache",
+        tmp,
+        "name=bench-sweep",
+        "model.channels=[16, 32]",
+        f"train.max_steps={steps}",
+        "train.log_every=10",
+        "train.eval_every=null",
+        "train.eval_batches=4",
+        "train.optimizer.lr=1e-3",
         # `loss` is in every report, so every window reaches Tune and is counted here.
-        "tune": {
-            "metric": "loss",
-            "mode": "min",
-            "num_samples": trials,
-            "max_concurrent_trials": CONCURRENCY,
-            "space": {"train.optimizer.lr": {"loguniform": [1e-4, 1e-2]}},
-        },
-        "tracking": {"mlflow": {"enabled": False}},
-    }
+        "tune.metric=loss",
+        f"tune.num_samples={trials}",
+        f"tune.max_concurrent_trials={CONCURRENCY}",
+        "tune.space={train.optimizer.lr: {loguniform: [1.0e-4, 1.0e-2]}}",
+    )
 
 
 def training_seconds(reports: list[dict[str, Any]]) -> float:
@@ -71,7 +66,7 @@ def training_seconds(reports: list[dict[str, Any]]) -> float:
     return total
 
 
-def run_sweep_once(spec: Any) -> tuple[float, list[float], list[float]]:
+def run_sweep_once(spec: WorkloadSpec) -> tuple[float, list[float], list[float]]:
     from orchestrator.tune import run_sweep
 
     started = time.monotonic()
@@ -86,7 +81,7 @@ def run_sweep_once(spec: Any) -> tuple[float, list[float], list[float]]:
     return wall, trained, startup
 
 
-def run_single(spec: Any) -> tuple[float, float]:
+def run_single(spec: WorkloadSpec) -> tuple[float, float]:
     from orchestrator.run import run_workload
 
     one = spec.sampled({"name": "bench-single"})
@@ -105,10 +100,8 @@ def main() -> None:
 
     import ray
 
-    from orchestrator.spec import WorkloadSpec
-
     with tempfile.TemporaryDirectory() as tmp:
-        spec = WorkloadSpec.model_validate(workload(Path(tmp), args.trials, args.steps))
+        spec = workload(Path(tmp), args.trials, args.steps)
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             from orchestrator.data import prepare

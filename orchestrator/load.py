@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from orchestrator.spec import SpecFieldError, WorkloadSpec
 
@@ -218,6 +219,7 @@ def _read(path: Path) -> tuple[dict[str, Any], Sources]:
         )
     sources: Sources = {}
     problems: list[Problem] = []
+    assert node is not None  # a document whose data is a mapping has a node
     _index(node, (), src, sources, problems)
     if problems:
         raise SpecError(problems)
@@ -275,7 +277,7 @@ def _at(path: Key, message: str, sources: Sources, top: str) -> Problem:
     return Problem(src, ".".join(path), message, line)
 
 
-def _describe(err: dict[str, Any], path: Key, models: list[type[BaseModel]]) -> tuple[Key, str]:
+def _describe(err: ErrorDetails, path: Key, models: list[type[BaseModel]]) -> tuple[Key, str]:
     kind, value = err["type"], err.get("input")
     if kind == "extra_forbidden":
         parent = _locate(err["loc"][:-1])[1]
@@ -314,7 +316,7 @@ def _locate(loc: tuple[int | str, ...]) -> tuple[Key, list[type[BaseModel]]]:
     """
     path: list[str] = []
     annotation: Any = WorkloadSpec
-    models = [WorkloadSpec]
+    models: list[type[BaseModel]] = [WorkloadSpec]
     for part in loc:
         field = next((m.model_fields[part] for m in models if part in m.model_fields), None)
         if isinstance(part, str) and field is not None:

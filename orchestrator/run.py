@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import RunError, TrainingFailed
 from orchestrator.models import import_model_library
@@ -32,6 +32,9 @@ from orchestrator.train.trainer import (
     storage_uri,
     worker_config,
 )
+
+if TYPE_CHECKING:
+    from orchestrator.tracking import Tracker
 
 __all__ = ["RunError", "RunResult", "TrainingFailed", "run_workload"]
 
@@ -94,7 +97,7 @@ def _fit(
     log: Callable[[str], None],
     on_progress: Callable[[dict[str, Any]], None],
     started: float,
-    tracker: Any,
+    tracker: Tracker | None,
 ) -> RunResult:
     import ray.train
     from ray.util.queue import Queue
@@ -158,7 +161,7 @@ def _already_finished(
     latest: tuple[str, int],
     log: Callable[[str], None],
     started: float,
-    tracker: Any,
+    tracker: Tracker | None,
 ) -> RunResult:
     """The run's newest checkpoint is its last step: keep it, export it if that is missing."""
     checkpoint, step = latest

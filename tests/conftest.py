@@ -1,28 +1,32 @@
-"""Shared fixtures: a real local Ray for integration tests, and the real data in ../shared/data."""
+"""Shared fixtures: a real local Ray for integration tests, the real data in ../shared/data,
+one cache of prepared data for the session, and a real MLflow server."""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+from builders import SHAKESPEARE, SHARED_DATA
+from servers import MlflowServer
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not (SHARED_DATA / "tinyshakespeare.txt").is_file():
+    if not (SHARED_DATA / SHAKESPEARE).is_file():
         pytest.skip(f"real test data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one cache of prepared data for every test: each source is prepared once a session.
+
+    Entries are keyed by source and settings, so tests share one only when they would have
+    prepared the same thing; a test that damages prepared data damages its own copy.
+    """
+    return tmp_path_factory.mktemp("data-cache")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -82,56 +86,6 @@ def _wait_for_checkpoint(run_dir: Path, checkpoint: str, timeout: float = 300) -
 def wait_for_checkpoint():
     """Tests that break things mid-run wait for a registered checkpoint with this."""
     return _wait_for_checkpoint
-
-
-class MlflowServer:
-    """`mlflow server` as a subprocess on a loopback port; can be stopped and started again."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                "1",
-                "--backend-store-uri",
-                f"sqlite:///{self.root / 'mlflow.db'}",
-                "--artifacts-destination",
-                str(self.root / "artifacts"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError("mlflow server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its worker processes
-            self.proc.wait()
-        self.proc = None
 
 
 @pytest.fixture

@@ -448,8 +448,8 @@ def test_cluster_configs_use_token_auth_and_this_ray() -> None:
     import ray
     import yaml
 
-    from orchestrator.plan import worker_resources
     from orchestrator.load import load_workload
+    from orchestrator.plan import worker_resources
 
     launcher = yaml.safe_load((ROOT / "cluster" / "gpu-aws.yaml").read_text())
     starts = [

@@ -18,15 +18,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
 
 
 @pytest.fixture(scope="module")
-def prepared(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
-    cache = tmp_path_factory.mktemp("cache")
+def prepared(shared_data: Path, data_cache: Path):
     spec = DataSpec(
         train=str(shared_data / "tinyshakespeare.txt"),
         limit=4000,
         seq_len=32,
         tokenizer={"vocab_size": 500},
         shard_rows=100,
-        cache_dir=str(cache),
+        cache_dir=str(data_cache),
     )
     return prepare(spec)
 

@@ -6,47 +6,47 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import tiny_bert
 
 from orchestrator.models import load_exported
 from orchestrator.run import run_workload
-from orchestrator.spec import WorkloadSpec
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
 
 
+# The tiny BERT at a GPU's size: 4 layers of 256 on sequences of 128, 20 bf16 steps.
+ON_GPU = [
+    "model.hidden_size=256",
+    "model.num_layers=4",
+    "model.num_heads=4",
+    "model.max_seq_len=128",
+    "model.dropout=0.1",
+    "data.limit=null",
+    "data.seq_len=128",
+    "data.tokenizer.vocab_size=2000",
+    "train.max_steps=20",
+    "train.micro_batch_size=32",
+    "train.precision=bf16",
+    "train.log_every=5",
+    "train.eval_batches=null",
+    "train.optimizer.lr=1e-4",
+    "scaling.use_gpu=true",
+    "scaling.resources_per_worker={CPU: 0.5, GPU: 1}",
+]
+
+
 @pytest.mark.parametrize("stage", [2, 3])
-def test_bert_zero_bf16_on_gpu(stage: int, shared_data: Path, tmp_path: Path) -> None:
-    spec = WorkloadSpec.model_validate(
-        {
-            "name": f"gpu-bert-{stage}",
-            "model": {
-                "kind": "bert_mlm",
-                "hidden_size": 256,
-                "num_layers": 4,
-                "num_heads": 4,
-                "max_seq_len": 128,
-            },
-            "data": {
-                "train": str(shared_data / "tinyshakespeare.txt"),
-                "seq_len": 128,
-                "tokenizer": {"vocab_size": 2000},
-                "cache_dir": str(tmp_path / "cache"),
-            },
-            "train": {
-                "max_steps": 20,
-                "micro_batch_size": 32,
-                "precision": "bf16",
-                "log_every": 5,
-                "storage_path": str(tmp_path / "runs"),
-            },
-            "deepspeed": {"zero_stage": stage},
-            "scaling": {
-                "num_workers": torch.cuda.device_count(),
-                "use_gpu": True,
-                "resources_per_worker": {"CPU": 0.5, "GPU": 1},
-            },
-            "tracking": {"mlflow": {"enabled": False}},
-        }
+def test_bert_zero_bf16_on_gpu(
+    stage: int, shared_data: Path, data_cache: Path, tmp_path: Path
+) -> None:
+    spec = tiny_bert(
+        shared_data,
+        data_cache,
+        tmp_path,
+        *ON_GPU,
+        f"name=gpu-bert-{stage}",
+        f"deepspeed.zero_stage={stage}",
+        f"scaling.num_workers={torch.cuda.device_count()}",
     )
     result = run_workload(spec)
     losses = [e["loss"] for e in result.history]

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MlflowServer
+from builders import tiny_cnn
 from mlflow.tracking import MlflowClient
+from servers import MlflowServer
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.run import RunError, run_workload
-from orchestrator.spec import WorkloadSpec
 from orchestrator.tracking import promotion
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
@@ -26,64 +26,35 @@ def server(mlflow_server: MlflowServer) -> MlflowServer:
     return mlflow_server
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("data-cache")
-
-
-def mnist(
-    shared_data: Path,
-    cache: Path,
-    tmp_path: Path,
-    tracking: dict[str, Any],
-    steps: int = 6,
-    **train: Any,
-) -> WorkloadSpec:
-    return WorkloadSpec.model_validate(
-        {
-            "name": "mnist-tracked",
-            "model": {"kind": "cnn", "channels": [8, 16]},
-            "data": {
-                "train": str(shared_data),
-                "format": "mnist",
-                "eval_fraction": 0.2,
-                "limit": 3000,
-                "cache_dir": str(cache),
-            },
-            "train": {
-                "max_steps": steps,
-                "micro_batch_size": 32,
-                "log_every": 2,
-                "eval_batches": 2,
-                "checkpoint_every": 2,
-                "optimizer": {"lr": 3e-3},
-                "storage_path": str(tmp_path / "runs"),
-                **train,
-            },
-            "scaling": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}},
-            "tracking": {"mlflow": tracking},
-        }
-    )
+# The tiny CNN on 3000 images, checkpointed every 2 steps, tracked in MLflow.
+TRACKED = [
+    "name=mnist-tracked",
+    "model.channels=[8, 16]",
+    "data.limit=3000",
+    "train.eval_batches=2",
+    "train.checkpoint_every=2",
+    "train.optimizer.weight_decay=0.01",
+    "tracking.mlflow.enabled=true",
+]
 
 
 @pytest.mark.timeout(600)
 def test_run_is_recorded_and_model_registered(
     server: MlflowServer,
     shared_data: Path,
-    cache: Path,
+    data_cache: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    spec = mnist(
+    spec = tiny_cnn(
         shared_data,
-        cache,
+        data_cache,
         tmp_path,
-        {
-            "tracking_uri": server.uri,
-            "experiment": "mnist-exp",
-            "register_as": "mnist-cnn",
-            "promote_if": "eval_accuracy >= 0.0 and eval_loss < 100",
-        },
+        *TRACKED,
+        f"tracking.mlflow.tracking_uri={server.uri}",
+        "tracking.mlflow.experiment=mnist-exp",
+        "tracking.mlflow.register_as=mnist-cnn",
+        "tracking.mlflow.promote_if=eval_accuracy >= 0.0 and eval_loss < 100",
     )
     default = os.environ.get("MLFLOW_TRACKING_URI")
     result = run_workload(spec)
@@ -124,13 +95,16 @@ def test_run_is_recorded_and_model_registered(
 
 @pytest.mark.timeout(600)
 def test_model_not_promoted_is_not_registered(
-    server: MlflowServer, shared_data: Path, cache: Path, tmp_path: Path
+    server: MlflowServer, shared_data: Path, data_cache: Path, tmp_path: Path
 ) -> None:
-    spec = mnist(
+    spec = tiny_cnn(
         shared_data,
-        cache,
+        data_cache,
         tmp_path,
-        {"tracking_uri": server.uri, "register_as": "never", "promote_if": "eval_accuracy > 2"},
+        *TRACKED,
+        f"tracking.mlflow.tracking_uri={server.uri}",
+        "tracking.mlflow.register_as=never",
+        "tracking.mlflow.promote_if=eval_accuracy > 2",
     )
     result = run_workload(spec)
     client = MlflowClient(tracking_uri=server.uri)
@@ -143,9 +117,20 @@ def test_model_not_promoted_is_not_registered(
 
 @pytest.mark.timeout(900)
 def test_server_down_mid_run_loses_no_metric(
-    server: MlflowServer, shared_data: Path, cache: Path, tmp_path: Path, wait_for_checkpoint: Any
+    server: MlflowServer,
+    shared_data: Path,
+    data_cache: Path,
+    tmp_path: Path,
+    wait_for_checkpoint: Any,
 ) -> None:
-    spec = mnist(shared_data, cache, tmp_path, {"tracking_uri": server.uri}, steps=40)
+    spec = tiny_cnn(
+        shared_data,
+        data_cache,
+        tmp_path,
+        *TRACKED,
+        f"tracking.mlflow.tracking_uri={server.uri}",
+        "train.max_steps=40",
+    )
     run_dir = tmp_path / "runs" / "mnist-tracked"
 
     def outage() -> None:  # down after the first checkpoint, back some reports later
@@ -166,10 +151,15 @@ def test_server_down_mid_run_loses_no_metric(
 
 
 def test_unreachable_server_fails_fast_unless_no_tracking(
-    shared_data: Path, cache: Path, tmp_path: Path
+    shared_data: Path, data_cache: Path, tmp_path: Path
 ) -> None:
-    spec = mnist(
-        shared_data, cache, tmp_path, {"tracking_uri": "http://user:s3cret@127.0.0.1:9"}, steps=2
+    spec = tiny_cnn(
+        shared_data,
+        data_cache,
+        tmp_path,
+        *TRACKED,
+        "tracking.mlflow.tracking_uri=http://user:s3cret@127.0.0.1:9",
+        "train.max_steps=2",
     )
     started = time.monotonic()
     with pytest.raises(RunError, match=r"cannot use the MLflow server .*--no-tracking") as info:
@@ -182,11 +172,12 @@ def test_unreachable_server_fails_fast_unless_no_tracking(
 
 @pytest.mark.timeout(600)
 def test_embedded_default_store(
-    shared_data: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shared_data: Path, data_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    result = run_workload(mnist(shared_data, cache, tmp_path, {}, steps=2))
+    spec = tiny_cnn(shared_data, data_cache, tmp_path, *TRACKED, "train.max_steps=2")
+    result = run_workload(spec)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert (tmp_path / "mlflow.db").is_file()
     run = MlflowClient(tracking_uri=store).get_run(result.mlflow_run_id)
@@ -207,9 +198,20 @@ def test_promotion_conditions() -> None:
 
 @pytest.mark.timeout(900)
 def test_server_down_until_the_end_keeps_reports_for_upload(
-    server: MlflowServer, shared_data: Path, cache: Path, tmp_path: Path, wait_for_checkpoint: Any
+    server: MlflowServer,
+    shared_data: Path,
+    data_cache: Path,
+    tmp_path: Path,
+    wait_for_checkpoint: Any,
 ) -> None:
-    spec = mnist(shared_data, cache, tmp_path, {"tracking_uri": server.uri}, steps=10)
+    spec = tiny_cnn(
+        shared_data,
+        data_cache,
+        tmp_path,
+        *TRACKED,
+        f"tracking.mlflow.tracking_uri={server.uri}",
+        "train.max_steps=10",
+    )
 
     def outage() -> None:
         wait_for_checkpoint(tmp_path / "runs" / "mnist-tracked", "step-00000002")

@@ -12,82 +12,12 @@ from typing import Any
 import psutil
 import pytest
 import torch
+from builders import tiny_bert, tiny_cnn
 
 from orchestrator.models import load_exported
 from orchestrator.run import RunError, TrainingFailed, run_workload
-from orchestrator.spec import WorkloadSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One data cache for the module, so each source is prepared once."""
-    return tmp_path_factory.mktemp("data-cache")
-
-
-def bert(shared_data: Path, cache: Path, tmp_path: Path, **over: Any) -> WorkloadSpec:
-    spec = {
-        "name": "bert",
-        "model": {
-            "kind": "bert_mlm",
-            "hidden_size": 64,
-            "num_layers": 2,
-            "num_heads": 2,
-            "max_seq_len": 64,
-            "dropout": 0.0,
-        },
-        "data": {
-            "train": str(shared_data / "tinyshakespeare.txt"),
-            "limit": 4000,
-            "seq_len": 32,
-            "tokenizer": {"vocab_size": 500},
-            "cache_dir": str(cache),
-        },
-        "train": {
-            "max_steps": 6,
-            "micro_batch_size": 16,
-            "log_every": 2,
-            "eval_batches": 2,
-            "optimizer": {"lr": 2e-3},
-            "storage_path": str(tmp_path / "runs"),
-        },
-        "scaling": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}},
-        "tracking": {"mlflow": {"enabled": False}},
-    }
-    return WorkloadSpec.model_validate(_merge(spec, over))
-
-
-def mnist(shared_data: Path, cache: Path, tmp_path: Path, **over: Any) -> WorkloadSpec:
-    spec = {
-        "name": "mnist",
-        "model": {"kind": "cnn", "channels": [16, 32]},
-        "data": {
-            "train": str(shared_data),
-            "format": "mnist",
-            "eval_fraction": 0.2,
-            "cache_dir": str(cache),
-        },
-        "train": {
-            "max_steps": 6,
-            "micro_batch_size": 32,
-            "log_every": 2,
-            "eval_batches": 4,
-            "optimizer": {"lr": 3e-3, "weight_decay": 0.0},
-            "storage_path": str(tmp_path / "runs"),
-        },
-        "scaling": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}},
-        "tracking": {"mlflow": {"enabled": False}},
-    }
-    return WorkloadSpec.model_validate(_merge(spec, over))
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        replace = not isinstance(value, dict) or key not in out or "kind" in value
-        out[key] = value if replace else _merge(out[key], value)
-    return out
 
 
 def _steps(history: list[dict[str, Any]]) -> list[int]:
@@ -123,13 +53,16 @@ def _check_zero_run(result: Any, stage: int, precision: str, steps: int) -> None
 # half a minute here, so the learning runs double as the stage-0 runs.
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_bert_with_zero_stages(stage: int, shared_data: Path, cache: Path, tmp_path: Path) -> None:
-    spec = bert(
+def test_bert_with_zero_stages(
+    stage: int, shared_data: Path, data_cache: Path, tmp_path: Path
+) -> None:
+    spec = tiny_bert(
         shared_data,
-        cache,
+        data_cache,
         tmp_path,
-        deepspeed={"zero_stage": stage},
-        train={"precision": "bf16", "global_batch_size": 64},
+        f"deepspeed.zero_stage={stage}",
+        "train.precision=bf16",
+        "train.global_batch_size=64",
     )
     result = run_workload(spec)
     assert _steps(result.history) == [2, 4, 6]
@@ -145,8 +78,10 @@ def test_bert_with_zero_stages(stage: int, shared_data: Path, cache: Path, tmp_p
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_cnn_with_zero_stages(stage: int, shared_data: Path, cache: Path, tmp_path: Path) -> None:
-    spec = mnist(shared_data, cache, tmp_path, deepspeed={"zero_stage": stage})
+def test_cnn_with_zero_stages(
+    stage: int, shared_data: Path, data_cache: Path, tmp_path: Path
+) -> None:
+    spec = tiny_cnn(shared_data, data_cache, tmp_path, f"deepspeed.zero_stage={stage}")
     result = run_workload(spec)
     final = result.history[-1]
     assert final["step"] == 6
@@ -158,20 +93,18 @@ def test_cnn_with_zero_stages(stage: int, shared_data: Path, cache: Path, tmp_pa
 
 
 @pytest.mark.timeout(600)
-def test_cnn_learns_mnist(shared_data: Path, cache: Path, tmp_path: Path) -> None:
-    spec = mnist(
+def test_cnn_learns_mnist(shared_data: Path, data_cache: Path, tmp_path: Path) -> None:
+    spec = tiny_cnn(
         shared_data,
-        cache,
+        data_cache,
         tmp_path,
-        deepspeed={"zero_stage": 0},
-        train={
-            "max_steps": None,
-            "epochs": 2,
-            "micro_batch_size": 64,
-            "log_every": 20,
-            "eval_batches": None,
-            "scheduler": {"name": "cosine", "warmup_steps": 10},
-        },
+        "deepspeed.zero_stage=0",
+        "train.max_steps=null",
+        "train.epochs=2",
+        "train.micro_batch_size=64",
+        "train.log_every=20",
+        "train.eval_batches=null",
+        "train.scheduler={name: cosine, warmup_steps: 10}",
     )
     result = run_workload(spec)
     final = result.history[-1]
@@ -184,18 +117,16 @@ def test_cnn_learns_mnist(shared_data: Path, cache: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.timeout(600)
-def test_bert_loss_falls(shared_data: Path, cache: Path, tmp_path: Path) -> None:
-    spec = bert(
+def test_bert_loss_falls(shared_data: Path, data_cache: Path, tmp_path: Path) -> None:
+    spec = tiny_bert(
         shared_data,
-        cache,
+        data_cache,
         tmp_path,
-        deepspeed={"zero_stage": 0},
-        train={
-            "max_steps": 60,
-            "log_every": 5,
-            "eval_every": 30,
-            "scheduler": {"name": "linear", "warmup_steps": 5},
-        },
+        "deepspeed.zero_stage=0",
+        "train.max_steps=60",
+        "train.log_every=5",
+        "train.eval_every=30",
+        "train.scheduler={name: linear, warmup_steps: 5}",
     )
     result = run_workload(spec)
     losses = [e["loss"] for e in result.history]
@@ -212,14 +143,16 @@ def test_bert_loss_falls(shared_data: Path, cache: Path, tmp_path: Path) -> None
 
 @pytest.mark.timeout(600)
 def test_killed_worker_is_recovered_from_last_checkpoint(
-    shared_data: Path, cache: Path, tmp_path: Path, wait_for_checkpoint: Callable[..., bool]
+    shared_data: Path, data_cache: Path, tmp_path: Path, wait_for_checkpoint: Callable[..., bool]
 ) -> None:
-    spec = bert(
+    spec = tiny_bert(
         shared_data,
-        cache,
+        data_cache,
         tmp_path,
-        train={"max_steps": 24, "log_every": 2, "checkpoint_every": 6},
-        scaling={"max_failures": 1},
+        "train.max_steps=24",
+        "train.log_every=2",
+        "train.checkpoint_every=6",
+        "scaling.max_failures=1",
     )
     killed: list[int] = []
     killer = threading.Thread(
@@ -240,22 +173,24 @@ def test_killed_worker_is_recovered_from_last_checkpoint(
 
 @pytest.mark.timeout(600)
 def test_rerun_resumes_instead_of_starting_over(
-    shared_data: Path, cache: Path, tmp_path: Path
+    shared_data: Path, data_cache: Path, tmp_path: Path
 ) -> None:
-    first = run_workload(mnist(shared_data, cache, tmp_path, train={"max_steps": 4}))
+    first = run_workload(tiny_cnn(shared_data, data_cache, tmp_path, "train.max_steps=4"))
     assert _steps(first.history) == [2, 4]
-    again = run_workload(mnist(shared_data, cache, tmp_path, train={"max_steps": 8}))
+    again = run_workload(tiny_cnn(shared_data, data_cache, tmp_path, "train.max_steps=8"))
     assert _steps(again.history) == [6, 8]  # continued from step 4
-    finished = run_workload(mnist(shared_data, cache, tmp_path, train={"max_steps": 8}))
+    finished = run_workload(tiny_cnn(shared_data, data_cache, tmp_path, "train.max_steps=8"))
     assert finished.history == []  # nothing left to do; the finished run is kept
     assert finished.checkpoint == again.checkpoint
 
 
 @pytest.mark.timeout(600)
 def test_interrupted_run_resumes_on_rerun(
-    shared_data: Path, cache: Path, tmp_path: Path, wait_for_checkpoint: Callable[..., bool]
+    shared_data: Path, data_cache: Path, tmp_path: Path, wait_for_checkpoint: Callable[..., bool]
 ) -> None:
-    spec = mnist(shared_data, cache, tmp_path, train={"max_steps": 12, "checkpoint_every": 4})
+    spec = tiny_cnn(
+        shared_data, data_cache, tmp_path, "train.max_steps=12", "train.checkpoint_every=4"
+    )
     killed: list[int] = []
     killer = threading.Thread(
         target=_kill_a_worker_once_checkpointed,
@@ -274,35 +209,39 @@ def test_interrupted_run_resumes_on_rerun(
 
 @pytest.mark.timeout(600)
 def test_checkpoint_of_another_model_is_refused(
-    shared_data: Path, cache: Path, tmp_path: Path
+    shared_data: Path, data_cache: Path, tmp_path: Path
 ) -> None:
-    first = run_workload(mnist(shared_data, cache, tmp_path, train={"max_steps": 2}))
-    other = mnist(shared_data, cache, tmp_path, model={"channels": [8, 16]}, train={"max_steps": 4})
+    first = run_workload(tiny_cnn(shared_data, data_cache, tmp_path, "train.max_steps=2"))
+    other = tiny_cnn(
+        shared_data, data_cache, tmp_path, "model.channels=[8, 16]", "train.max_steps=4"
+    )
     with pytest.raises(RunError, match="written for another model"):
         run_workload(other)
     assert Path(first.checkpoint).is_dir()  # nothing was lost
-    zero = mnist(shared_data, cache, tmp_path, deepspeed={"zero_stage": 2}, train={"max_steps": 4})
+    zero = tiny_cnn(
+        shared_data, data_cache, tmp_path, "deepspeed.zero_stage=2", "train.max_steps=4"
+    )
     with pytest.raises(RunError, match=r"plain DDP .* this run uses DeepSpeed ZeRO-2"):
         run_workload(zero)
 
 
 def test_missing_custom_model_fails_before_ray(
-    shared_data: Path, cache: Path, tmp_path: Path
+    shared_data: Path, data_cache: Path, tmp_path: Path
 ) -> None:
-    spec = mnist(
-        shared_data, cache, tmp_path, model={"kind": "custom", "build": "no_such_pkg.models:build"}
+    spec = tiny_cnn(
+        shared_data, data_cache, tmp_path, "model={kind: custom, build: 'no_such_pkg.models:build'}"
     )
     with pytest.raises(RunError, match=r"cannot import module 'no_such_pkg\.models'"):
         run_workload(spec)
-    spec = mnist(
-        shared_data, cache, tmp_path, model={"kind": "custom", "build": "torch.nn:nothing"}
+    spec = tiny_cnn(
+        shared_data, data_cache, tmp_path, "model={kind: custom, build: 'torch.nn:nothing'}"
     )
     with pytest.raises(RunError, match=r"module 'torch\.nn' has no function 'nothing'"):
         run_workload(spec)
 
 
 @pytest.mark.timeout(600)
-def test_custom_model(tmp_path: Path, cache: Path) -> None:
+def test_custom_model(tmp_path: Path, data_cache: Path) -> None:
     import pickle
 
     import numpy as np
@@ -316,35 +255,36 @@ def test_custom_model(tmp_path: Path, cache: Path) -> None:
             b"labels": list(rng.integers(0, 10, n)),
         }
         (src / name).write_bytes(pickle.dumps(batch))
-    spec = WorkloadSpec.model_validate(
-        {
-            "name": "custom",
-            "model": {
-                "kind": "custom",
-                "build": "torchvision.models:resnet18",
-                "args": {"num_classes": 10},
-            },
-            "data": {"train": str(src), "cache_dir": str(cache)},
-            "train": {
-                "max_steps": 2,
-                "micro_batch_size": 8,
-                "storage_path": str(tmp_path / "runs"),
-            },
-            "scaling": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}},
-            "tracking": {"mlflow": {"enabled": False}},
-        }
+    # A torchvision ResNet-18 on the CIFAR batches above; the rest at the spec's defaults.
+    spec = tiny_cnn(
+        src,
+        data_cache,
+        tmp_path,
+        "name=custom",
+        "model={kind: custom, build: 'torchvision.models:resnet18', args: {num_classes: 10}}",
+        "data.format=auto",
+        "data.eval_fraction=0.05",
+        "train.max_steps=2",
+        "train.micro_batch_size=8",
+        "train.log_every=10",
+        "train.eval_batches=null",
+        "train.optimizer.lr=1e-4",
+        "train.optimizer.weight_decay=0.01",
     )
     result = run_workload(spec)
     assert result.history[-1]["step"] == 2
     assert "eval_accuracy" in result.history[-1]
 
 
-def test_model_too_large_is_refused(shared_data: Path, cache: Path, tmp_path: Path) -> None:
-    spec = bert(
+def test_model_too_large_is_refused(shared_data: Path, data_cache: Path, tmp_path: Path) -> None:
+    spec = tiny_bert(
         shared_data,
-        cache,
+        data_cache,
         tmp_path,
-        model={"hidden_size": 8192, "num_layers": 48, "num_heads": 64, "vocab_size": 50000},
+        "model.hidden_size=8192",
+        "model.num_layers=48",
+        "model.num_heads=64",
+        "model.vocab_size=50000",
     )
     with pytest.raises(
         RunError, match=r"model: .*M parameters.*needs ~\d+.* GB .*this machine has"
@@ -352,21 +292,23 @@ def test_model_too_large_is_refused(shared_data: Path, cache: Path, tmp_path: Pa
         run_workload(spec)
 
 
-def test_data_cpus_left_for_ray_data(shared_data: Path, cache: Path, tmp_path: Path) -> None:
-    spec = mnist(shared_data, cache, tmp_path, scaling={"resources_per_worker": {"CPU": 1}})
+def test_data_cpus_left_for_ray_data(shared_data: Path, data_cache: Path, tmp_path: Path) -> None:
+    spec = tiny_cnn(shared_data, data_cache, tmp_path, "scaling.resources_per_worker={CPU: 1}")
     with pytest.raises(RunError, match=r"reserve 2 of the cluster's 2 CPUs.*resources_per_worker"):
         run_workload(spec)
 
 
-def test_label_beyond_model_classes(shared_data: Path, cache: Path, tmp_path: Path) -> None:
-    spec = mnist(shared_data, cache, tmp_path, model={"num_classes": 5})
+def test_label_beyond_model_classes(shared_data: Path, data_cache: Path, tmp_path: Path) -> None:
+    spec = tiny_cnn(shared_data, data_cache, tmp_path, "model.num_classes=5")
     with pytest.raises(RunError, match=r"model.num_classes is 5 but the data has 10 classes"):
         run_workload(spec)
 
 
 def test_training_split_smaller_than_a_batch(
-    shared_data: Path, cache: Path, tmp_path: Path
+    shared_data: Path, data_cache: Path, tmp_path: Path
 ) -> None:
-    spec = mnist(shared_data, cache, tmp_path, data={"limit": 100}, train={"micro_batch_size": 64})
+    spec = tiny_cnn(
+        shared_data, data_cache, tmp_path, "data.limit=100", "train.micro_batch_size=64"
+    )
     with pytest.raises(RunError, match=r"training split \(\d+ rows\) is smaller than one global"):
         run_workload(spec)

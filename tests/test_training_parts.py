@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.train.checkpoint import CheckpointMismatch, Manifest
-from orchestrator.train.engines import accumulation_steps, deepspeed_config, lr_lambda
 from orchestrator.models import DataInfo, ModelError, build_model, config_hash, resolve_custom
 from orchestrator.plan import PlanError, check_data_cpus, count_parameters, memory_per_worker
 from orchestrator.spec import (
@@ -20,6 +18,8 @@ from orchestrator.spec import (
     SchedulerSpec,
     TrainSpec,
 )
+from orchestrator.train.checkpoint import CheckpointMismatch, Manifest
+from orchestrator.train.engines import accumulation_steps, deepspeed_config, lr_lambda
 
 
 def test_deepspeed_config_from_spec() -> None:

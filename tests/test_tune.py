@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from builders import tiny_sweep
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
+from orchestrator.data import prepare
 from orchestrator.load import load_workload
 from orchestrator.run import RunError
 from orchestrator.spec import Domain, WorkloadSpec
@@ -22,40 +24,6 @@ from orchestrator.tune.space import param_space, pbt_mutations
 from orchestrator.tune.trial import SampleError, resolve
 
 TESTS = Path(__file__).resolve().parent
-LR_SPACE = {"train.optimizer.lr": {"loguniform": [1.0e-5, 1.0e-1]}}
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("data-cache")
-
-
-def sweep(shared_data: Path, cache: Path, root: Path, tune: dict[str, Any], **over: Any):
-    spec = {
-        "name": "sweep",
-        "model": {"kind": "cnn", "channels": [8, 16]},
-        "data": {
-            "train": str(shared_data),
-            "format": "mnist",
-            "eval_fraction": 0.2,
-            "cache_dir": str(cache),
-        },
-        "train": {
-            "max_steps": 8,
-            "micro_batch_size": 32,
-            "log_every": 2,
-            "eval_every": 2,
-            "eval_batches": 2,
-            "optimizer": {"lr": 3e-3, "weight_decay": 0.0},
-            "storage_path": str(root / "runs"),
-        },
-        "scaling": {"num_workers": 1, "resources_per_worker": {"CPU": 0.25}},
-        "tune": {"metric": "eval_loss", "mode": "min", **tune},
-        "tracking": {"mlflow": {"enabled": False}},
-    }
-    for section, values in over.items():  # a new model kind replaces the model section
-        spec[section] = values if "kind" in values else {**spec.get(section, {}), **values}
-    return WorkloadSpec.model_validate(spec)
 
 
 def reported(result: SweepResult) -> dict[str, list[dict[str, Any]]]:
@@ -99,7 +67,7 @@ def test_search_space_becomes_tune_domains() -> None:
 
 
 def test_samples_are_validated_as_workloads(tmp_path: Path) -> None:
-    spec = sweep(tmp_path, tmp_path, tmp_path, {"space": LR_SPACE})
+    spec = tiny_sweep(tmp_path, tmp_path, tmp_path)
     good = resolve(spec, {"train.optimizer.lr": 3e-4, "model.channels": [4, 8]})
     assert good.train.optimizer.lr == 3e-4 and good.model.channels == [4, 8]
     assert good.tune is None and good.name == "sweep"
@@ -110,7 +78,7 @@ def test_samples_are_validated_as_workloads(tmp_path: Path) -> None:
 
 
 def test_space_values_no_trial_could_run_with_are_refused(tmp_path: Path) -> None:
-    base = sweep(tmp_path, tmp_path, tmp_path, {"space": LR_SPACE}).model_dump(mode="json")
+    base = tiny_sweep(tmp_path, tmp_path, tmp_path).model_dump(mode="json")
 
     def problems(space: dict[str, Any], **tune: Any) -> str:
         raw = base | {"tune": base["tune"] | {"space": space} | tune}
@@ -162,7 +130,10 @@ def test_bad_sweep_exits_2_with_file_field_and_fix(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def asha(
-    local_ray: None, shared_data: Path, cache: Path, tmp_path_factory: pytest.TempPathFactory
+    local_ray: None,
+    shared_data: Path,
+    data_cache: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[WorkloadSpec, SweepResult, list[str]]:
     """Six trials, Optuna sampling, ASHA stopping, MLflow tracking, and one outage.
 
@@ -170,19 +141,18 @@ def asha(
     sweep starts, a data shard is missing (a storage hiccup); it is back when Tune retries.
     """
     root = tmp_path_factory.mktemp("asha")
-    spec = sweep(
+    spec = tiny_sweep(
         shared_data,
-        cache,
+        data_cache,
         root,
-        {
-            "num_samples": 6,
-            "search": "optuna",
-            "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2},
-            "max_retries": 1,
-            "space": LR_SPACE,
-        },
-        train={"max_steps": 6, "eval_every": 3},
-        tracking={"mlflow": {"experiment": "sweeps"}},
+        "tune.num_samples=6",
+        "tune.search=optuna",
+        "tune.scheduler={kind: asha, grace_period: 1, reduction_factor: 2}",
+        "tune.max_retries=1",
+        "train.max_steps=6",
+        "train.eval_every=3",
+        "tracking.mlflow.enabled=true",
+        "tracking.mlflow.experiment=sweeps",
     )
     lines: list[str] = []
     hidden: list[tuple[Path, Path]] = []
@@ -190,13 +160,19 @@ def asha(
     def log(line: str) -> None:
         lines.append(line)
         if line.startswith("starting sweep"):
-            shard = sorted(cache.glob("*/train/*.parquet"))[0]
+            # This sweep's own shards: the session's cache holds other tests' data too.
+            prepared = Path(prepare(spec.data).root)
+            shard = sorted(prepared.glob("train/*.parquet"))[0]
             hidden.append((shard, shard.rename(shard.with_suffix(".away"))))
         if "failed; retrying it" in line and hidden:
             shard, away = hidden.pop()
             away.rename(shard)
 
-    return spec, run_sweep(spec, log=log), lines
+    try:
+        return spec, run_sweep(spec, log=log), lines
+    finally:  # the cache is the session's: never leave a shard away
+        for shard, away in hidden:
+            away.rename(shard)
 
 
 @pytest.mark.integration
@@ -300,19 +276,18 @@ def test_finished_sweep_resumes_and_is_not_silently_restarted(
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_pbt_restores_trials_from_checkpoints_it_exploits(
-    local_ray: None, shared_data: Path, cache: Path, tmp_path: Path
+    local_ray: None, shared_data: Path, data_cache: Path, tmp_path: Path
 ) -> None:
-    spec = sweep(
+    spec = tiny_sweep(
         shared_data,
-        cache,
+        data_cache,
         tmp_path,
-        {
-            "num_samples": 1,
-            "scheduler": {"kind": "pbt", "perturbation_interval": 1},
-            # One trial that cannot learn, one that can: PBT copies the good one's weights.
-            "space": {"train.optimizer.lr": {"grid": [1.0e-6, 3.0e-3]}},
-        },
-        train={"max_steps": 8, "checkpoint_every": 2},
+        "tune.num_samples=1",
+        "tune.scheduler={kind: pbt, perturbation_interval: 1}",
+        # One trial that cannot learn, one that can: PBT copies the good one's weights.
+        "tune.space={train.optimizer.lr: {grid: [1.0e-6, 3.0e-3]}}",
+        "train.max_steps=8",
+        "train.checkpoint_every=2",
     )
     result = run_sweep(spec)
     assert {r.status for r in result.trials} == {"DONE"}

@@ -1,21 +1,43 @@
-"""Readers for image sources: MNIST idx files, CIFAR python batches and image folders."""
+"""Image sources -> image shards, and the readers of image formats.
+
+Each image format has a reader (see `formats.FORMATS`) that yields the source as ImageSets:
+MNIST idx files, CIFAR python batches, or image folders.
+"""
 
 from __future__ import annotations
 
 import gzip
 import io
+import os
 import pickle
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+import pyarrow.fs as pafs
 
-from orchestrator.data.sources import IMAGE_SUFFIXES, DataError, Source
+from orchestrator.data.shards import ShardWriter, held_out, image_schema
+from orchestrator.data.sources import DataError, Source
+from orchestrator.spec import DataSpec
 
-__all__ = ["ImageSet", "read_cifar", "read_image_folder", "read_mnist"]
+if TYPE_CHECKING:
+    from orchestrator.data.formats import ImageFormat
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImageSet",
+    "looks_like_cifar",
+    "looks_like_mnist",
+    "prepare_images",
+    "read_cifar",
+    "read_image_folder",
+    "read_mnist",
+]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
 @dataclass
@@ -28,6 +50,65 @@ class ImageSet:
     shape: tuple[int, int, int] | None  # (H, W, C) for raw pixels
     class_names: list[str]
     split: str | None = None  # "train" / "eval" when the source itself says so
+
+
+def prepare_images(
+    data: DataSpec,
+    fmt: ImageFormat,
+    source: Source,
+    eval_source: Source | None,
+    fs: pafs.FileSystem,
+    root: str,
+) -> dict[str, Any]:
+    """Read the image sets, split them and write shards; the manifest's body."""
+    sets = list(fmt.read(source))
+    if eval_source is not None:
+        sets += [_with_split(s, "eval") for s in fmt.read(eval_source)]
+    first = sets[0]
+    writers = {
+        s: ShardWriter(fs, f"{root}/{s}", image_schema(), data.shard_rows)
+        for s in ("train", "eval")
+    }
+    next_id = 0
+    for image_set in sets:
+        n = len(image_set.images) if data.limit is None else min(data.limit, len(image_set.images))
+        for i in range(n):
+            split = image_set.split or (
+                "eval" if held_out(next_id, data.eval_fraction) else "train"
+            )
+            writers[split].add(next_id, image_set.images[i], int(image_set.labels[i]))
+            next_id += 1
+    splits = {s: w.close() for s, w in writers.items()}
+    if splits["train"]["rows"] == 0:
+        raise DataError(f"{source.uri}: no training images after the split")
+    return {
+        "kind": "image",
+        "splits": splits,
+        "image": {
+            "encoding": first.encoding,
+            "shape": list(first.shape) if first.shape else None,
+            "num_classes": max(len(s.class_names) for s in sets),
+            "class_names": first.class_names,
+        },
+    }
+
+
+def _with_split(image_set: ImageSet, split: str) -> ImageSet:
+    image_set.split = split
+    return image_set
+
+
+# --------------------------------------------------------------------------- readers
+def looks_like_mnist(names: list[str]) -> bool:
+    """Whether these (lower-case) file names are MNIST's, for guessing the format."""
+    return any("idx3-ubyte" in n for n in names)
+
+
+def looks_like_cifar(names: list[str]) -> bool:
+    """Whether these (lower-case) file names are CIFAR's, for guessing the format."""
+    # CIFAR-10 ships data_batch_1..5 and test_batch; CIFAR-100 ships train, test and meta.
+    cifar10 = any(n.startswith(("data_batch_", "test_batch")) for n in names)
+    return cifar10 or {"train", "meta"} <= set(names)
 
 
 def read_mnist(source: Source) -> Iterator[ImageSet]:
@@ -156,9 +237,13 @@ def _unpickle(source: Source, path: str) -> dict:
     return obj
 
 
-def read_image_folder(source: Source, base: str) -> ImageSet:
-    """One sub-folder per class under `base`; files stay encoded (decoded when training)."""
-    images, labels, classes = [], [], []
+def read_image_folder(source: Source) -> Iterator[ImageSet]:
+    """One sub-folder per class under the source's folder; files stay encoded until training."""
+    # The class is the first folder below the one the user named (source.files are paths).
+    base = source.uri.split("://", 1)[1] if "://" in source.uri else os.path.abspath(source.uri)
+    images: list[bytes] = []
+    labels: list[int] = []
+    classes: list[str] = []
     index: dict[str, int] = {}
     for path in source.files:
         if PurePosixPath(path).suffix.lower() not in IMAGE_SUFFIXES:
@@ -174,7 +259,7 @@ def read_image_folder(source: Source, base: str) -> ImageSet:
         labels.append(index[name])
     if not images:
         raise DataError(f"{source.uri}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
-    return ImageSet(
+    yield ImageSet(
         images=images,
         labels=np.asarray(labels, dtype=np.int64),
         encoding="encoded",

@@ -6,16 +6,12 @@ import fnmatch
 import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 
 import pyarrow.fs as pafs
 
-__all__ = ["DataError", "Source", "detect_format", "find_source"]
+__all__ = ["DataError", "Source", "find_source"]
 
 _GLOB_CHARS = set("*?[")
-TEXT_SUFFIXES = (".txt", ".text")
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
 class DataError(Exception):
@@ -70,38 +66,11 @@ def find_source(uri: str) -> Source:
     )
 
 
-def detect_format(source: Source, declared: str) -> str:
-    """The source's format: the declared one, or a guess from file names."""
-    if declared != "auto":
-        return declared
-    names = [PurePosixPath(f).name.lower() for f in source.files]
-    suffixes = {PurePosixPath(n).suffix for n in names}
-    if any("idx3-ubyte" in n for n in names):
-        return "mnist"
-    # CIFAR-10 ships data_batch_1..5 and test_batch; CIFAR-100 ships train, test and meta.
-    if any(n.startswith(("data_batch_", "test_batch")) for n in names) or {"train", "meta"} <= set(
-        names
-    ):
-        return "cifar"
-    if suffixes <= {".parquet"}:
-        return "parquet"
-    if suffixes <= set(TEXT_SUFFIXES):
-        return "text"
-    if suffixes <= set(JSONL_SUFFIXES):
-        return "jsonl"
-    if suffixes <= set(IMAGE_SUFFIXES):
-        return "image_folder"
-    raise DataError(
-        f"{source.uri}: cannot tell the format from the file names (found {sorted(suffixes)}); "
-        "set data.format to one of parquet, text, jsonl, mnist, cifar, image_folder"
-    )
-
-
 def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" in uri:
         try:
             return pafs.FileSystem.from_uri(_strip_glob_for_uri(uri)[0])[0], _uri_path(uri)
-        except (pafs.ArrowInvalid, OSError, ValueError) as exc:  # type: ignore[attr-defined]
+        except (pafs.ArrowInvalid, OSError, ValueError) as exc:
             raise DataError(f"{uri}: cannot open this location: {exc}") from None
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 

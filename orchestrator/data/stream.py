@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, cast
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +29,7 @@ from orchestrator.data.prepare import PreparedData, image_schema
 from orchestrator.data.sources import DataError
 
 __all__ = [
+    "Batch",
     "StartedEarly",
     "check_shards",
     "decode_images",
@@ -98,6 +99,15 @@ def check_shards(prepared: PreparedData) -> None:
                     )
 
 
+class Batch(TypedDict, total=False):
+    """A batch as the training loop gets it: the prepared columns, text's or images'."""
+
+    sample_id: torch.Tensor
+    input_ids: torch.Tensor  # text: (batch, seq_len) token ids
+    image: list[bytes]  # images: raw pixels or encoded files, decoded on the worker
+    label: torch.Tensor
+
+
 def _expected_schema(prepared: PreparedData) -> pa.Schema:
     if prepared.kind == "text":
         return pa.schema([("input_ids", pa.list_(pa.int32(), prepared.manifest["seq_len"]))])
@@ -106,7 +116,7 @@ def _expected_schema(prepared: PreparedData) -> pa.Schema:
 
 def epoch_batches(
     shard: Any, batch_size: int, seed: int, epoch: int, shuffle_buffer: int
-) -> Iterator[dict[str, torch.Tensor]]:
+) -> Iterator[Batch]:
     """One epoch of a worker's shard as torch batches, shuffled by a seeded local buffer.
 
     `drop_last` keeps every worker at the same number of steps, which DDP and ZeRO need.
@@ -145,23 +155,23 @@ class StartedEarly(Iterator[T]):
 _END = object()
 
 
-def eval_batches(shard: Any, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+def eval_batches(shard: Any, batch_size: int) -> Iterator[Batch]:
     """A worker's eval shard in stored order, whole batches only (equal on every worker)."""
     yield from shard.iter_torch_batches(
         batch_size=batch_size, drop_last=True, collate_fn=_to_tensors
     )
 
 
-def _to_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    out = {}
+def _to_tensors(batch: dict[str, np.ndarray]) -> Batch:
+    out: dict[str, torch.Tensor | list[bytes]] = {}
     for name, column in batch.items():
         if name == "image":  # variable bytes stay as a list for decode_images
             out[name] = list(column)
         elif column.dtype == object:  # fixed-size lists arrive as arrays of arrays
-            out[name] = torch.from_numpy(np.stack(column))
+            out[name] = torch.from_numpy(np.stack(list(column)))
         else:
             out[name] = torch.from_numpy(np.ascontiguousarray(column))
-    return out
+    return cast(Batch, out)
 
 
 def mask_tokens(

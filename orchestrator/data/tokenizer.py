@@ -41,7 +41,7 @@ def train_tokenizer(spec: TokenizerSpec, texts: Iterator[str]) -> Tokenizer:
         tok.normalizer = normalizers.BertNormalizer(lowercase=spec.lowercase)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(
+        trainer: trainers.Trainer = trainers.WordPieceTrainer(
             vocab_size=spec.vocab_size, special_tokens=BERT_SPECIALS, show_progress=False
         )
     else:

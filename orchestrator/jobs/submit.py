@@ -13,15 +13,18 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import yaml
 
 from orchestrator import __version__
 from orchestrator.jobs.connect import Cluster, JobsError, connect
-from orchestrator.jobs.fit import Unschedulable, check_fit, worker_resources
 from orchestrator.jobs.upload import build_runtime_env
+from orchestrator.plan import Unschedulable, check_fit, worker_resources
 from orchestrator.spec import WorkloadSpec
+
+if TYPE_CHECKING:
+    from orchestrator.tracking import Tracker
 
 __all__ = ["Submission", "submit"]
 
@@ -78,7 +81,7 @@ def submit(
         )
     except Exception as exc:  # the Jobs API reports runtime-env and upload problems as text
         if tracker is not None:
-            tracker.client.set_terminated(tracker.run_id, status="FAILED")
+            tracker.mark("FAILED")
         raise JobsError(f"the cluster at {cluster.url} refused the job: {exc}") from None
     return Submission(
         job_id=job_id,
@@ -174,16 +177,16 @@ def _quiet_ray_client() -> None:
         logging.getLogger(logger).setLevel(logging.WARNING)
 
 
-def _start_tracking(spec: WorkloadSpec, name: str) -> Any:
+def _start_tracking(spec: WorkloadSpec, name: str) -> Tracker | None:
     """Create the MLflow run now, so its id is known at once and a bad server fails here; the
     job continues the same run (runs are found by run name) and records the data hash."""
     if not spec.tracking.mlflow.tracking_uri:
         return None
-    from orchestrator.tracking import Tracker, TrackingError
+    from orchestrator.tracking import TrackingError, start_tracker
 
     try:
-        tracker = Tracker.start(spec, name, "pending", Path(tempfile.gettempdir()))
+        tracker = start_tracker(spec, name, "pending", Path(tempfile.gettempdir()))
     except TrackingError as exc:
         raise JobsError(str(exc)) from None
-    tracker.client.update_run(tracker.run_id, status="SCHEDULED")
+    tracker.mark("SCHEDULED")
     return tracker

@@ -9,7 +9,11 @@ from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+    import ray.train
 
 __all__ = [
     "CheckpointMismatch",
@@ -93,7 +97,7 @@ def read_manifest(directory: str) -> Manifest:
     return Manifest(**json.loads(path.read_text()))
 
 
-def manifest_in(fs: Any, directory: str) -> Manifest:
+def manifest_in(fs: pafs.FileSystem, directory: str) -> Manifest:
     """The manifest of a checkpoint directory on a pyarrow filesystem (local or remote)."""
     try:
         with fs.open_input_stream(f"{directory}/{MANIFEST}") as f:
@@ -102,12 +106,12 @@ def manifest_in(fs: Any, directory: str) -> Manifest:
         raise CheckpointMismatch(f"{directory} is not an orch checkpoint (no {MANIFEST})") from None
 
 
-def checkpoint_manifest(checkpoint: Any) -> Manifest:
+def checkpoint_manifest(checkpoint: ray.train.Checkpoint) -> Manifest:
     """The manifest of a `ray.train.Checkpoint`, read where it lies (no download of weights)."""
     return manifest_in(checkpoint.filesystem, checkpoint.path)
 
 
-def checkpoint_uri(checkpoint: Any) -> str:
+def checkpoint_uri(checkpoint: ray.train.Checkpoint) -> str:
     """Where a Ray checkpoint lies, as one string a worker can open again: a local path, or a
     URI on the checkpoint's remote filesystem."""
     import pyarrow.fs as pafs

@@ -21,6 +21,7 @@ from orchestrator.spec import DeepSpeedSpec, OptimizerSpec, SchedulerSpec, Train
 __all__ = [
     "DDPEngine",
     "DeepSpeedEngine",
+    "Engine",
     "accumulation_steps",
     "deepspeed_config",
     "lr_lambda",
@@ -75,7 +76,8 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def make_optimizer(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimizer:
     # No weight decay on biases and norms, as BERT and GPT-2 were trained.
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
@@ -150,7 +152,7 @@ class DDPEngine:
         return True
 
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return float(self.scheduler.get_last_lr()[0])
 
     def save(self, directory: str, rank: int) -> None:
         if rank == 0:
@@ -235,6 +237,9 @@ class DeepSpeedEngine:
         self.model.train(on)
 
 
+Engine = DDPEngine | DeepSpeedEngine  # what the training loop drives
+
+
 def make_engine(
     model: nn.Module,
     train: TrainSpec,
@@ -242,14 +247,14 @@ def make_engine(
     world: int,
     accum: int,
     total_steps: int,
-) -> DDPEngine | DeepSpeedEngine:
+) -> Engine:
     if ds is None:
         return DDPEngine(model, train, accum, total_steps)
     return DeepSpeedEngine(model, train, ds, world, total_steps)
 
 
 @contextlib.contextmanager
-def no_grad_eval(engine: DDPEngine | DeepSpeedEngine) -> Iterator[None]:
+def no_grad_eval(engine: Engine) -> Iterator[None]:
     engine.train_mode(False)
     try:
         with torch.no_grad(), engine.forward_context():

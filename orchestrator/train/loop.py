@@ -11,13 +11,14 @@ import math
 import os
 import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from orchestrator.data.stream import (
+    Batch,
     StartedEarly,
     decode_images,
     epoch_batches,
@@ -33,7 +34,10 @@ from orchestrator.train.checkpoint import (
     write_manifest,
 )
 from orchestrator.train.config import WorkerConfig
-from orchestrator.train.engines import accumulation_steps, make_engine, no_grad_eval
+from orchestrator.train.engines import Engine, accumulation_steps, make_engine, no_grad_eval
+
+if TYPE_CHECKING:
+    import ray.train
 
 __all__ = ["steps_per_epoch", "total_steps", "train_loop"]
 
@@ -193,7 +197,7 @@ class _Window:
 
 
 def _prepare(
-    batch: dict[str, Any], task: str, cfg: WorkerConfig, engine: Any, gen: torch.Generator
+    batch: Batch, task: str, cfg: WorkerConfig, engine: Engine, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A stored batch -> (model inputs, labels) on the engine's device."""
     if task == "masked_lm":
@@ -225,7 +229,7 @@ def _prepare(
     return inputs.to(engine.device), labels.to(engine.device)
 
 
-def _initial(uri: str | None) -> Any:
+def _initial(uri: str | None) -> ray.train.Checkpoint | None:
     import ray.train
 
     return ray.train.Checkpoint(uri) if uri is not None else None
@@ -253,7 +257,7 @@ def _eval_shard() -> Any:
         return None
 
 
-def _evaluate(shard: Any, task: str, cfg: WorkerConfig, engine: Any) -> dict[str, float]:
+def _evaluate(shard: Any, task: str, cfg: WorkerConfig, engine: Engine) -> dict[str, float]:
     """Loss and accuracy (LMs: perplexity; classifiers: macro precision/recall/F1) on eval data."""
     if shard is None:
         return {}
@@ -316,7 +320,7 @@ def _batches_hint(cfg: WorkerConfig, world: int) -> int:
 
 def _report(
     metrics: dict[str, Any],
-    engine: Any,
+    engine: Engine,
     me: Manifest,
     state: tuple[int, int, int],
     rank: int,

@@ -16,12 +16,15 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from orchestrator.spec import WorkloadSpec
+
+if TYPE_CHECKING:
+    from orchestrator.tracking import Tracker
 
 __all__ = ["Relay", "SweepObserver", "register", "unregister"]
 
@@ -80,7 +83,7 @@ class SweepObserver:
         self,
         spec: WorkloadSpec,
         name: str,
-        parent: Any,  # the sweep's Tracker, or None without tracking
+        parent: Tracker | None,  # None: without tracking
         data_hash: str,
         local_dir: Path,
         log: Callable[[str], None],
@@ -90,7 +93,7 @@ class SweepObserver:
         self.janitor: Any = None  # a PlacementGroupJanitor, while the Tuner runs
         self.next_collect = 0.0
         self.metric = spec.tune.metric  # type: ignore[union-attr]
-        self.children: dict[str, Any] = {}  # trial id -> its Tracker (None: could not start)
+        self.children: dict[str, Tracker | None] = {}  # trial id -> None: could not start
         self.seen: set[str] = set()
         self.last: dict[str, dict[str, Any]] = {}  # trial id -> its last report
         self.notes: list[str] = []
@@ -137,7 +140,7 @@ class SweepObserver:
         note = f" (from {event['restored_from']})" if "restored_from" in event else ""
         self.log(f"trial {trial.trial_id} step {event.get('step', '?')}: {shown}{note}")
         if (child := self.children.get(trial.trial_id)) is not None:
-            child.log_event(event)
+            child.log(event)
 
     def recovering(self, trial: Any) -> None:
         self.log(f"trial {trial.trial_id} failed; retrying it")

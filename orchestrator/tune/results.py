@@ -9,12 +9,15 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from orchestrator.errors import TrainingFailed
 from orchestrator.spec import WorkloadSpec
+
+if TYPE_CHECKING:
+    from orchestrator.tracking import Tracker
 
 __all__ = ["BEST_WORKLOAD", "SweepResult", "TrialRow", "finish", "row", "summary_lines"]
 
@@ -85,7 +88,7 @@ def finish(
     path: str,
     local: Path,
     rows: list[TrialRow],
-    parent: Any,
+    parent: Tracker | None,
     notes: list[str],
     seconds: float,
 ) -> SweepResult:
@@ -94,8 +97,9 @@ def finish(
     assert spec.tune is not None
     metric, mode = spec.tune.metric, spec.tune.mode
     # Errored trials are no candidates: their config did not run to an answer.
-    ranked = [r for r in rows if r.metric is not None and r.status != "ERROR"]
-    best = (min if mode == "min" else max)(ranked, key=lambda r: r.metric) if ranked else None
+    ranked = [(r.metric, r) for r in rows if r.metric is not None and r.status != "ERROR"]
+    pick = min if mode == "min" else max
+    best = pick(ranked, key=lambda pair: pair[0])[1] if ranked else None
     best_file = model_dir = None
     if best is not None:
         best_spec = spec.sampled(best.params | {"name": f"{name}-best"})
@@ -133,19 +137,22 @@ def finish(
     return result
 
 
-def _track_outcome(parent: Any, result: SweepResult) -> list[str]:
+def _track_outcome(parent: Tracker, result: SweepResult) -> list[str]:
     best = result.best
     texts = {"trials.json": json.dumps([r.__dict__ for r in result.trials], indent=2)}
     metrics: dict[str, float] = {}
     tags = {"orch.kind": "sweep"}
+    judged_on = None
     if best is not None and best.metric is not None and result.best_workload:
         texts[BEST_WORKLOAD] = Path(result.best_workload).read_text()
         metrics[f"best_{result.metric}"] = best.metric
         tags["orch.best_trial"] = best.trial_id
-        parent.last = {result.metric: best.metric}  # what promote_if is judged on
-    notes = parent.log_summary(metrics, tags, texts)
+        # The sweep's model is the best trial's, so promote_if judges the best trial's metric.
+        judged_on = {result.metric: best.metric}
+    notes = parent.summary(metrics, tags, texts)
     status = "FINISHED" if best is not None else "FAILED"
-    return notes + parent.finish(status, result.model_dir, best.checkpoint if best else None)
+    checkpoint = best.checkpoint if best else None
+    return notes + parent.finish(status, result.model_dir, checkpoint, judged_on=judged_on)
 
 
 def summary_lines(result: SweepResult) -> list[str]:

@@ -15,13 +15,16 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from orchestrator.errors import RunError, TrainingFailed
 from orchestrator.spec import WorkloadSpec
 from orchestrator.train.trainer import PreparedRun
+
+if TYPE_CHECKING:
+    from orchestrator.tracking import Tracker
 from orchestrator.tune.observe import SweepObserver, register, unregister
 from orchestrator.tune.results import SweepResult, finish, row
 from orchestrator.tune.trial import TRIAL_CPU, TrialSetup
@@ -237,7 +240,7 @@ def _check_sweep_dir(path: str, spec: WorkloadSpec, resume: bool | None) -> bool
     return exists
 
 
-def _start_tracking(spec: WorkloadSpec, name: str, data_hash: str, local: Path) -> Any:
+def _start_tracking(spec: WorkloadSpec, name: str, data_hash: str, local: Path) -> Tracker | None:
     if not spec.tracking.mlflow.enabled:
         return None
     from orchestrator.tracking import TrackingError, start_tracker

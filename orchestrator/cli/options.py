@@ -1,0 +1,56 @@
+"""The arguments and options that several commands share, each defined once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = [
+    "ClusterAddressOption",
+    "FollowOption",
+    "JobArgument",
+    "NoTrackingOption",
+    "RayAddressOption",
+    "RunNameOption",
+    "SetOption",
+    "VerboseOption",
+    "WorkloadArgument",
+]
+
+WorkloadArgument = Annotated[Path, typer.Argument(help="Workload file.")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        metavar="KEY=VALUE",
+        help="Override a field before validation, e.g. --set train.optimizer.lr=3e-4 (repeatable).",
+    ),
+]
+RunNameOption = Annotated[
+    str | None,
+    typer.Option(help="Run name (default: the workload name); the same name resumes."),
+]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's logs.")]
+NoTrackingOption = Annotated[
+    bool, typer.Option("--no-tracking", help="Do not record this run or sweep in MLflow.")
+]
+
+# Where to train: a Ray address for `orch run` and `orch tune`...
+RayAddressOption = Annotated[
+    str | None, typer.Option(help="Ray address; default: start Ray on this machine.")
+]
+# ...and a cluster's dashboard for the job commands.
+ClusterAddressOption = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="Ray dashboard URL (http://HEAD:8265); default: $ORCH_ADDRESS, else $RAY_ADDRESS.",
+    ),
+]
+JobArgument = Annotated[str, typer.Argument(help="Job id, as printed by orch submit.")]
+FollowOption = Annotated[
+    bool, typer.Option("--follow", "-f", help="Stream the job's logs until it ends.")
+]

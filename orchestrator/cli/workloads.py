@@ -1,0 +1,180 @@
+"""The commands that work on this machine: validate, show, schema, data prepare, run, tune."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+
+from orchestrator.cli.errors import error_lines, exit_on_error, fail, print_error
+from orchestrator.cli.options import (
+    NoTrackingOption,
+    RayAddressOption,
+    RunNameOption,
+    SetOption,
+    VerboseOption,
+    WorkloadArgument,
+)
+from orchestrator.cli.output import Progress
+from orchestrator.load import SpecError, load_workload
+from orchestrator.spec import WorkloadSpec, workload_schema
+
+__all__ = ["data_prepare", "load_spec", "run", "schema", "show", "tune", "validate"]
+
+
+def load_spec(file: Path, overrides: list[str] | None) -> WorkloadSpec:
+    """Load a workload or exit 2 with every problem."""
+    with exit_on_error():
+        return load_workload(file, overrides or [])
+
+
+def validate(
+    files: Annotated[list[Path], typer.Argument(help="Workload files to check.")],
+    overrides: SetOption = None,
+) -> None:
+    """Check workload files; exit 0 if all are valid, else 2 with every error."""
+    failed = 0
+    for path in files:
+        try:
+            spec = load_workload(path, overrides or [])
+        except SpecError as error:  # reported, and the next file is checked all the same
+            failed += 1
+            print_error(*error_lines(error))
+            continue
+        typer.echo(f"ok: {path} ({spec.name}, {spec.model.kind})")
+    if failed:
+        fail(f"{failed} of {len(files)} workload(s) invalid")
+
+
+def show(file: WorkloadArgument, overrides: SetOption = None) -> None:
+    """Print the fully resolved workload (extends, --set and defaults applied) as YAML."""
+    spec = load_spec(file, overrides)
+    typer.echo(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), nl=False)
+
+
+def schema() -> None:
+    """Print the JSON Schema of workload files (for editor validation and completion)."""
+    typer.echo(json.dumps(workload_schema(), indent=2))
+
+
+def data_prepare(
+    file: Annotated[Path, typer.Argument(help="Workload file whose data section to prepare.")],
+    overrides: SetOption = None,
+    address: RayAddressOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Tokenize/convert a workload's raw data into cached Parquet shards (reused when unchanged)."""
+    from orchestrator.data import prepare
+
+    spec = load_spec(file, overrides)
+    with exit_on_error(f"{file}: data"):
+        prepared = prepare(spec.data, log=typer.echo, ray_address=address, verbose=verbose)
+    splits = prepared.manifest["splits"]
+    typer.echo(
+        f"{prepared.root or spec.data.train}: {splits['train']['rows']} train rows in "
+        f"{len(splits['train']['shards'])} shard(s), {splits['eval']['rows']} eval rows"
+    )
+
+
+def run(
+    file: WorkloadArgument,
+    overrides: SetOption = None,
+    address: RayAddressOption = None,
+    name: RunNameOption = None,
+    verbose: VerboseOption = False,
+    no_tracking: NoTrackingOption = False,
+) -> None:
+    """Train a workload on this machine (or on --address), resuming a run of the same name.
+
+    A workload with a tune section runs its sweep (like orch tune), continuing one of that name.
+    """
+    spec = load_spec(file, overrides)
+    if spec.tune is not None:
+        _sweep(file, spec, address, name, None, verbose, not no_tracking)
+        return
+    from orchestrator.run import run_workload
+
+    hint = "rerun with --verbose for Ray's logs; checkpoints are kept"
+    # The progress line ends before an error is printed.
+    with exit_on_error(file, hint=hint), Progress() as progress:
+        result = run_workload(
+            spec,
+            address=address,
+            name=name,
+            verbose=verbose,
+            tracking=not no_tracking,
+            log=progress.note,
+            on_progress=progress.show,
+        )
+    m = result.metrics
+    typer.echo(f"done: {result.name} in {result.seconds:.0f} s, step {m.get('step', '?')}")
+    shown = {k: v for k, v in m.items() if k == "loss" or k.startswith("eval_")}
+    if shown:
+        typer.echo("  " + "  ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    typer.echo(f"  run directory: {result.path}")
+    if result.model_dir:
+        typer.echo(f"  model: {result.model_dir} (orchestrator.models.load_exported)")
+    if result.mlflow_run_id:
+        typer.echo(f"  MLflow run: {result.mlflow_run_id}")
+    for note in result.notes:
+        typer.echo(f"  {note}")
+
+
+def tune(
+    file: Annotated[Path, typer.Argument(help="Workload file with a tune section.")],
+    overrides: SetOption = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the interrupted sweep of this name.")
+    ] = False,
+    name: Annotated[
+        str | None, typer.Option(help="Sweep name (default: the workload name).")
+    ] = None,
+    address: RayAddressOption = None,
+    verbose: VerboseOption = False,
+    no_tracking: NoTrackingOption = False,
+) -> None:
+    """Run a workload's hyperparameter sweep: one Ray Train run per trial, with Ray Tune."""
+    spec = load_spec(file, overrides)
+    if spec.tune is None:
+        fail(f"error: {file}: no tune section to sweep; add one (see README) or use orch run")
+    _sweep(file, spec, address, name, resume, verbose, not no_tracking)
+
+
+def _sweep(
+    file: Path,
+    spec: WorkloadSpec,
+    address: str | None,
+    name: str | None,
+    resume: bool | None,
+    verbose: bool,
+    tracking: bool,
+) -> None:
+    from orchestrator.tune import run_sweep, summary_lines
+
+    hint = "rerun with --verbose for Ray's logs; --resume continues it"
+    with exit_on_error(file, failed="sweep failed", hint=hint):
+        result = run_sweep(
+            spec,
+            address=address,
+            name=name,
+            resume=resume,
+            verbose=verbose,
+            tracking=tracking,
+            log=typer.echo,
+        )
+    typer.echo(f"done: sweep {result.name}, {len(result.trials)} trials in {result.seconds:.0f} s")
+    for line in summary_lines(result):
+        typer.echo(f"  {line}")
+    if result.best is not None:
+        typer.echo(f"best: trial {result.best.trial_id}, {result.metric} {result.best.metric:.4g}")
+    typer.echo(f"  best workload: {result.best_workload} (orch run it)")
+    if result.model_dir:
+        typer.echo(f"  best model: {result.model_dir}")
+    typer.echo(f"  sweep directory: {result.path}")
+    if result.mlflow_run_id:
+        typer.echo(f"  MLflow run: {result.mlflow_run_id} (one nested run per trial)")
+    for note in result.notes:
+        typer.echo(f"  {note}")

@@ -1,0 +1,92 @@
+"""The data formats prepare reads: one table entry per `data.format`, and the guess for "auto".
+
+Adding a format: write its reader(s) (in `text.py` or `images.py`, or a module of their own),
+add its entry to FORMATS and its name to `DataSpec.format`; prepare, the guess, the cache key's
+settings and the error messages all read this table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING, Literal
+
+from orchestrator.data import images, text
+from orchestrator.data.images import ImageSet
+from orchestrator.data.sources import DataError, Source
+
+if TYPE_CHECKING:
+    import ray.data
+
+__all__ = ["FORMATS", "Format", "ImageFormat", "TextFormat", "detect_format"]
+
+# DataSpec fields that change the shards of every format; each kind adds its own.
+COMMON_SETTINGS = ("eval_fraction", "limit", "shard_rows")
+
+
+@dataclass(frozen=True)
+class TextFormat:
+    """A text format: tokenized with a trained tokenizer and packed into token sequences."""
+
+    # (source, path, text column) -> the file's texts, on the driver (tokenizer training)
+    file_texts: Callable[[Source, str, str], Iterator[str]]
+    # (source, text column) -> a Ray Data dataset with a "text" column (parallel tokenizing)
+    dataset: Callable[[Source, str], ray.data.Dataset]
+    # "auto" picks this format when every file ends in one of these (lower-case)
+    suffixes: tuple[str, ...] = ()
+    # "auto" picks this format, before any suffix rule, when this says yes to the file names
+    recognize: Callable[[list[str]], bool] | None = None
+    # a source in this format may be orch's own shards already, to be used in place
+    may_be_prepared: bool = False
+    # DataSpec fields, beyond COMMON_SETTINGS, that change the shards (and so the cache key)
+    settings: tuple[str, ...] = ("text_column", "tokenizer", "seq_len")
+    kind: Literal["text"] = field(default="text", init=False)
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """An image format: images and labels, written as they are (raw pixels or encoded files)."""
+
+    read: Callable[[Source], Iterator[ImageSet]]
+    suffixes: tuple[str, ...] = ()
+    recognize: Callable[[list[str]], bool] | None = None
+    may_be_prepared: bool = False
+    settings: tuple[str, ...] = ()
+    kind: Literal["image"] = field(default="image", init=False)
+
+
+Format = TextFormat | ImageFormat
+
+# The order is the order of the guess's suffix rules, and of the names in error messages.
+FORMATS: dict[str, Format] = {
+    "parquet": TextFormat(
+        text.parquet_texts, text.parquet_dataset, suffixes=(".parquet",), may_be_prepared=True
+    ),
+    "text": TextFormat(text.line_texts, text.line_dataset, suffixes=(".txt", ".text")),
+    "jsonl": TextFormat(
+        text.jsonl_texts, text.jsonl_dataset, suffixes=(".jsonl", ".json", ".ndjson")
+    ),
+    "mnist": ImageFormat(images.read_mnist, recognize=images.looks_like_mnist),
+    "cifar": ImageFormat(images.read_cifar, recognize=images.looks_like_cifar),
+    "image_folder": ImageFormat(images.read_image_folder, suffixes=images.IMAGE_SUFFIXES),
+}
+
+
+def detect_format(source: Source, declared: str) -> str:
+    """The source's format: the declared one, or a guess from file names."""
+    if declared != "auto":
+        return declared
+    names = [PurePosixPath(f).name.lower() for f in source.files]
+    # Formats known by their file names (MNIST, CIFAR) come first: their suffixes say little.
+    for name, fmt in FORMATS.items():
+        if fmt.recognize is not None and fmt.recognize(names):
+            return name
+    suffixes = {PurePosixPath(n).suffix for n in names}
+    for name, fmt in FORMATS.items():
+        if fmt.suffixes and suffixes <= set(fmt.suffixes):
+            return name
+    raise DataError(
+        f"{source.uri}: cannot tell the format from the file names (found {sorted(suffixes)}); "
+        f"set data.format to one of {', '.join(FORMATS)}"
+    )

@@ -1,0 +1,224 @@
+"""The builders behind orchestrator.models' table: one per model kind, and an input example each.
+
+Every builder takes the validated model section and what the prepared data says (vocabulary,
+classes, image shape) and returns a plain `nn.Module`; distribution (DDP, DeepSpeed) is
+applied elsewhere, in the training loop. Nothing here is looked up by kind: the table in
+orchestrator.models pairs each kind with its builder.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from orchestrator.spec import BertMLMModel, CNNModel, CustomModel, GPTModel, ResNetModel
+
+__all__ = [
+    "DataInfo",
+    "ModelError",
+    "build_bert",
+    "build_cnn",
+    "build_custom",
+    "build_gpt",
+    "build_resnet",
+    "custom_example",
+    "image_example",
+    "resolve_custom",
+    "token_example",
+]
+
+
+class ModelError(Exception):
+    """A model that cannot be built as specified (bad import path, bad weights...)."""
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What the model needs to know about the prepared data."""
+
+    vocab_size: int | None = None
+    num_classes: int | None = None
+    channels: int | None = None
+
+
+def _vocab(spec: BertMLMModel | GPTModel, data: DataInfo) -> int:
+    vocab = spec.vocab_size or data.vocab_size
+    if vocab is None:
+        raise ModelError(
+            "model.vocab_size is not set and the data has no tokenizer to take it from"
+        )
+    if data.vocab_size and vocab < data.vocab_size:
+        raise ModelError(
+            f"model.vocab_size {vocab} is smaller than the tokenizer's {data.vocab_size}; "
+            "raise it or leave it null to take the tokenizer's"
+        )
+    return vocab
+
+
+def build_bert(spec: BertMLMModel, data: DataInfo) -> nn.Module:
+    from transformers import BertConfig, BertForMaskedLM
+
+    if spec.pretrained:
+        return _from_pretrained(BertForMaskedLM, spec.pretrained)
+    config = BertConfig(
+        vocab_size=_vocab(spec, data),
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        intermediate_size=spec.intermediate_size or 4 * spec.hidden_size,
+        max_position_embeddings=spec.max_seq_len,
+        hidden_dropout_prob=spec.dropout,
+        attention_probs_dropout_prob=spec.dropout,
+        attn_implementation="sdpa",
+    )
+    return BertForMaskedLM(config)
+
+
+def build_gpt(spec: GPTModel, data: DataInfo) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if spec.pretrained:
+        return _from_pretrained(GPT2LMHeadModel, spec.pretrained)
+    config = GPT2Config(
+        vocab_size=_vocab(spec, data),
+        n_embd=spec.hidden_size,
+        n_layer=spec.num_layers,
+        n_head=spec.num_heads,
+        n_inner=spec.intermediate_size,
+        n_positions=spec.max_seq_len,
+        resid_pdrop=spec.dropout,
+        embd_pdrop=spec.dropout,
+        attn_pdrop=spec.dropout,
+        attn_implementation="sdpa",
+    )
+    return GPT2LMHeadModel(config)
+
+
+def _from_pretrained(cls: Any, path: str) -> nn.Module:
+    if not Path(path, "config.json").is_file():
+        raise ModelError(
+            f"model.pretrained: {path} has no config.json (a save_pretrained directory)"
+        )
+    return cls.from_pretrained(path, local_files_only=True)
+
+
+def build_resnet(spec: ResNetModel, data: DataInfo) -> nn.Module:
+    import torchvision
+
+    build = {
+        18: torchvision.models.resnet18,
+        34: torchvision.models.resnet34,
+        50: torchvision.models.resnet50,
+    }[spec.depth]
+    model = build(weights=None, num_classes=spec.num_classes)
+    if spec.in_channels != 3:
+        model.conv1 = nn.Conv2d(
+            spec.in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False
+        )
+    if spec.image_size < 64:  # small images: the ImageNet stem would shrink them to nothing
+        model.conv1 = nn.Conv2d(
+            spec.in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False
+        )
+        model.maxpool = nn.Identity()
+    _load_state(model, spec.pretrained)
+    return model
+
+
+def build_cnn(spec: CNNModel, data: DataInfo) -> nn.Module:
+    layers: list[nn.Module] = []
+    channels = spec.in_channels
+    for out in spec.channels:
+        layers += [
+            nn.Conv2d(channels, out, 3, padding=1),
+            nn.BatchNorm2d(out),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
+        channels = out
+    side = spec.image_size // 2 ** len(spec.channels)
+    model = nn.Sequential(
+        *layers,
+        nn.Flatten(),
+        nn.Dropout(spec.dropout),
+        nn.Linear(channels * side * side, spec.num_classes),
+    )
+    _load_state(model, spec.pretrained)
+    return model
+
+
+def resolve_custom(path: str) -> Callable[..., nn.Module]:
+    """Import 'package.module:function'; ModelError says which part is missing."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelError(f"model.build: cannot import module {module_name!r}: {exc}") from None
+    build = getattr(module, attr, None)
+    if not callable(build):
+        raise ModelError(f"model.build: module {module_name!r} has no function {attr!r}")
+    return build
+
+
+def build_custom(spec: CustomModel, data: DataInfo) -> nn.Module:
+    model = resolve_custom(spec.build)(**spec.args)
+    if not isinstance(model, nn.Module):
+        raise ModelError(
+            f"model.build: {spec.build} returned {type(model).__name__}, not nn.Module"
+        )
+    return model
+
+
+def _load_state(model: nn.Module, path: str | None) -> None:
+    if path is None:
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as exc:
+        raise ModelError(f"model.pretrained: cannot load {path}: {exc}") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ModelError(f"model.pretrained: {path} does not fit the model: {exc}") from None
+    if missing or unexpected:
+        raise ModelError(
+            f"model.pretrained: {path} does not fit the model "
+            f"(missing {len(missing)} keys, unexpected {len(unexpected)})"
+        )
+
+
+# Input examples are what MLflow stores beside a registered model and what its signature is
+# inferred from: one sample of what the model's forward takes, with batch size 1.
+_EXAMPLE_TOKENS = 16
+
+
+def _tokens(length: int) -> np.ndarray:
+    return np.zeros((1, length), dtype=np.int64)
+
+
+def _images(channels: int, size: int) -> np.ndarray:
+    return np.zeros((1, channels, size, size), dtype=np.float32)
+
+
+def token_example(spec: BertMLMModel | GPTModel, data: DataInfo) -> np.ndarray:
+    # A short sequence, yet never past the model's position table.
+    return _tokens(min(_EXAMPLE_TOKENS, spec.max_seq_len))
+
+
+def image_example(spec: ResNetModel | CNNModel, data: DataInfo) -> np.ndarray:
+    # The prepared data knows its channels better than a default in the spec.
+    return _images(data.channels or spec.in_channels, spec.image_size)
+
+
+def custom_example(spec: CustomModel, data: DataInfo) -> np.ndarray:
+    # orch cannot see what a custom model takes; the training loop feeds language models
+    # token ids and classifiers images, so guess the same (a 32x32 image by default).
+    if spec.task == "classification":
+        return _images(data.channels or 3, 32)
+    return _tokens(_EXAMPLE_TOKENS)

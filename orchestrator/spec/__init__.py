@@ -1,0 +1,88 @@
+"""The workload file as typed, frozen pydantic models.
+
+This package is the single source of truth for what a workload YAML may contain: field
+descriptions become the JSON Schema (`orch schema`) and the documentation. It imports
+nothing else from the package so that every later stage can depend on it freely.
+"""
+
+from orchestrator.spec.base import (
+    Inputs,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Problem,
+    Section,
+    SpecFieldError,
+)
+from orchestrator.spec.cluster import ClusterSpec, RuntimeEnvSpec
+from orchestrator.spec.data import FORMAT_INPUTS, DataFormat, DataSpec, TokenizerSpec
+from orchestrator.spec.distributed import DeepSpeedSpec, ScalingSpec
+from orchestrator.spec.model import (
+    MODEL_SECTIONS,
+    TASK_METRICS,
+    BertMLMModel,
+    CNNModel,
+    CustomModel,
+    GPTModel,
+    ModelSpec,
+    ResNetModel,
+    Task,
+    reported_metrics,
+    section_kind,
+)
+from orchestrator.spec.tracking import MLflowSpec, TrackingSpec, parse_condition
+from orchestrator.spec.train import OptimizerSpec, SchedulerSpec, TrainSpec
+from orchestrator.spec.tune import (
+    STREAM_DATA_FIELDS,
+    Domain,
+    TuneSchedulerSpec,
+    TuneSpec,
+    sample_errors,
+    sampled,
+    tune_problems,
+)
+from orchestrator.spec.workload import WorkloadSpec, workload_schema
+
+__all__ = [
+    "FORMAT_INPUTS",
+    "MODEL_SECTIONS",
+    "STREAM_DATA_FIELDS",
+    "TASK_METRICS",
+    "BertMLMModel",
+    "CNNModel",
+    "ClusterSpec",
+    "CustomModel",
+    "DataFormat",
+    "DataSpec",
+    "DeepSpeedSpec",
+    "Domain",
+    "GPTModel",
+    "Inputs",
+    "MLflowSpec",
+    "ModelSpec",
+    "NonNegativeInt",
+    "OptimizerSpec",
+    "PositiveFloat",
+    "PositiveInt",
+    "Problem",
+    "ResNetModel",
+    "RuntimeEnvSpec",
+    "ScalingSpec",
+    "SchedulerSpec",
+    "Section",
+    "SpecFieldError",
+    "Task",
+    "TokenizerSpec",
+    "TrackingSpec",
+    "TrainSpec",
+    "TuneSchedulerSpec",
+    "TuneSpec",
+    "WorkloadSpec",
+    "parse_condition",
+    "reported_metrics",
+    "sample_errors",
+    "sampled",
+    "section_kind",
+    "tune_problems",
+    "workload_schema",
+]

@@ -1,0 +1,74 @@
+"""The `data:` section: where the data is, its format, tokenizer and streaming settings."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from orchestrator.spec.base import Inputs, NonNegativeInt, PositiveInt, Section, SpecFieldError
+
+__all__ = ["FORMAT_INPUTS", "DataFormat", "DataSpec", "TokenizerSpec"]
+
+DataFormat = Literal["auto", "parquet", "text", "jsonl", "mnist", "cifar", "image_folder"]
+# What each source format yields; None where only the data itself can tell (checked at prepare).
+FORMAT_INPUTS: dict[DataFormat, Inputs | None] = {
+    "auto": None,
+    "parquet": None,
+    "text": "tokens",
+    "jsonl": "tokens",
+    "mnist": "images",
+    "cifar": "images",
+    "image_folder": "images",
+}
+
+
+class TokenizerSpec(Section):
+    kind: Literal["wordpiece", "bpe", "file"] = Field(
+        "wordpiece",
+        description="wordpiece (BERT) or byte-level bpe (GPT) trained on the corpus, or a file.",
+    )
+    vocab_size: PositiveInt = Field(30522, ge=64, description="Vocabulary size to train.")
+    path: str | None = Field(None, description="An existing tokenizer.json (kind: file).")
+    lowercase: bool = Field(True, description="Lowercase text before WordPiece training.")
+
+    @model_validator(mode="after")
+    def _path_iff_file(self) -> TokenizerSpec:
+        if self.kind == "file" and not self.path:
+            raise SpecFieldError([(("path",), "kind 'file' needs a path to a tokenizer.json")])
+        if self.kind != "file" and self.path:
+            raise SpecFieldError(
+                [(("path",), f"a path is only used with kind 'file', not '{self.kind}'")]
+            )
+        return self
+
+
+class DataSpec(Section):
+    train: str = Field(
+        description="Training data: Parquet shards (dir, glob) or a raw source "
+        "(.txt/.jsonl corpus, MNIST idx, CIFAR batches, image folder); local path or s3:// gs://."
+    )
+    eval: str | None = Field(
+        None, description="Evaluation data; null splits eval_fraction off the training source."
+    )
+    format: DataFormat = Field("auto", description="Source format; auto guesses from the path.")
+    text_column: str = Field("text", description="Column or JSON key holding the text.")
+    tokenizer: TokenizerSpec = Field(
+        default_factory=TokenizerSpec, description="Tokenizer for text sources."
+    )
+    seq_len: PositiveInt = Field(128, ge=8, description="Tokens per packed training sequence.")
+    eval_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Share of the source held out for eval when eval is null."
+    )
+    limit: PositiveInt | None = Field(
+        None, description="Use at most this many source records (lines, documents, images)."
+    )
+    shard_rows: PositiveInt = Field(8192, description="Rows per prepared Parquet shard.")
+    cache_dir: str = Field(".orch/data", description="Where prepared datasets are cached.")
+    mlm_probability: float = Field(
+        0.15, gt=0, lt=1, description="Share of tokens masked for masked-LM training."
+    )
+    shuffle_buffer: NonNegativeInt = Field(
+        2048, description="Rows in each worker's local shuffle buffer; 0 turns shuffling off."
+    )
+    augment: bool = Field(False, description="Random crop and flip for image training data.")

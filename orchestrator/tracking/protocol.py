@@ -1,0 +1,67 @@
+"""What a run is tracked through, so that callers never depend on one tracking backend."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from orchestrator.spec import WorkloadSpec
+
+__all__ = ["Tracker", "TrackingError"]
+
+
+class TrackingError(Exception):
+    """The tracking server cannot be used; says how to run without it."""
+
+
+class Tracker(Protocol):
+    """One tracked run, written by the driver alone.
+
+    Starting a run and `child` raise TrackingError and `mark` lets the server's errors through:
+    nothing trains yet. `log`, `summary` and `finish` never raise; problems come back as notes,
+    because training never waits on, or dies from, the tracking server.
+    """
+
+    @property
+    def run_id(self) -> str:
+        """The run's id in the tracking backend."""
+        ...
+
+    @property
+    def location(self) -> str:
+        """Where the run is recorded, with secrets redacted: fit for messages."""
+        ...
+
+    def child(
+        self, run_name: str, spec: WorkloadSpec, data_hash: str, run_dir: Path, tags: dict[str, str]
+    ) -> Tracker:
+        """A run nested under this one (a sweep's trial); raises TrackingError."""
+        ...
+
+    def log(self, event: Mapping[str, Any]) -> None:
+        """Record one report's metrics at its step."""
+        ...
+
+    def mark(self, status: str) -> None:
+        """Set the status of a run that does not train here (SCHEDULED, or FAILED to submit)."""
+        ...
+
+    def summary(
+        self, metrics: dict[str, float], tags: dict[str, str], texts: dict[str, str]
+    ) -> list[str]:
+        """Record an outcome (a sweep's best): metrics, tags, text artifacts; notes to show."""
+        ...
+
+    def finish(
+        self,
+        status: str,
+        model_dir: str | None,
+        checkpoint_dir: str | None,
+        judged_on: Mapping[str, float] | None = None,
+    ) -> list[str]:
+        """End the run, with its model when it FINISHED; notes to show.
+
+        `judged_on`: the metrics `promote_if` decides on; by default the last ones reported.
+        """
+        ...
