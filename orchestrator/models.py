@@ -103,15 +103,15 @@ if {k: e.spec for k, e in MODEL_KINDS.items()} != MODEL_SECTIONS:
         f"union has {sorted(MODEL_SECTIONS)}: give every kind one ModelKind entry"
     )
 
-_MODEL_SPEC: TypeAdapter[Any] = TypeAdapter(ModelSpec)
+_MODEL_SPEC: TypeAdapter[ModelSpec] = TypeAdapter(ModelSpec)
 
 
-def _section(spec: Section | Mapping[str, Any]) -> Any:
+def _section(spec: ModelSpec | Mapping[str, Any]) -> ModelSpec:
     """A model section from a validated section or a plain dict (as in an exported model.json)."""
     return _MODEL_SPEC.validate_python(spec) if isinstance(spec, Mapping) else spec
 
 
-def task_of(spec: Any) -> Task:
+def task_of(spec: ModelSpec) -> Task:
     """What the model is trained against: masked_lm, causal_lm or classification."""
     return spec.task
 
@@ -133,19 +133,19 @@ def import_model_library(kind: str) -> None:
         return
 
 
-def build_model(spec: Any, data: DataInfo) -> nn.Module:
+def build_model(spec: ModelSpec | Mapping[str, Any], data: DataInfo) -> nn.Module:
     """Build the model a (validated, or plain-dict) model spec describes."""
-    spec = _section(spec)
-    return MODEL_KINDS[spec.kind].build(spec, data)
+    section = _section(spec)
+    return MODEL_KINDS[section.kind].build(section, data)
 
 
-def input_example(spec: Any, data: DataInfo) -> np.ndarray:
+def input_example(spec: ModelSpec | Mapping[str, Any], data: DataInfo) -> np.ndarray:
     """One input (batch of 1) the model a (validated, or plain-dict) spec builds accepts."""
-    spec = _section(spec)
-    return MODEL_KINDS[spec.kind].example(spec, data)
+    section = _section(spec)
+    return MODEL_KINDS[section.kind].example(section, data)
 
 
-def config_hash(spec: Any, data: DataInfo) -> str:
+def config_hash(spec: ModelSpec, data: DataInfo) -> str:
     """Identifies the architecture, so a checkpoint is never loaded into another model."""
     payload = {
         "model": spec.model_dump(mode="json", exclude={"pretrained", "dropout"}),

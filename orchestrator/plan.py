@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from orchestrator.spec import DeepSpeedSpec, ScalingSpec, TrainSpec
+from orchestrator.spec import DeepSpeedSpec, ModelSpec, ScalingSpec, TrainSpec
 
 if TYPE_CHECKING:
     from orchestrator.models import DataInfo
@@ -64,7 +64,7 @@ def check_here(spec: WorkloadSpec, info: DataInfo) -> None:
         )
 
 
-def count_parameters(model_spec: Any, data: DataInfo) -> int:
+def count_parameters(model_spec: ModelSpec, data: DataInfo) -> int:
     """Exact parameter count, from a model built on the meta device (no memory allocated)."""
     import torch
 
@@ -111,7 +111,7 @@ def memory_per_worker(
 
 
 def check_memory(
-    model_spec: Any,
+    model_spec: ModelSpec,
     data: DataInfo,
     train: TrainSpec,
     ds: DeepSpeedSpec | None,

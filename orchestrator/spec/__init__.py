@@ -15,7 +15,13 @@ from orchestrator.spec.base import (
     SpecFieldError,
 )
 from orchestrator.spec.cluster import ClusterSpec, RuntimeEnvSpec
-from orchestrator.spec.data import FORMAT_INPUTS, DataFormat, DataSpec, TokenizerSpec
+from orchestrator.spec.data import (
+    FORMAT_INPUTS,
+    DataFormat,
+    DataSpec,
+    StreamSettings,
+    TokenizerSpec,
+)
 from orchestrator.spec.distributed import DeepSpeedSpec, ScalingSpec
 from orchestrator.spec.model import (
     MODEL_SECTIONS,
@@ -71,6 +77,7 @@ __all__ = [
     "SchedulerSpec",
     "Section",
     "SpecFieldError",
+    "StreamSettings",
     "Task",
     "TokenizerSpec",
     "TrackingSpec",

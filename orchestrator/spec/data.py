@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from orchestrator.spec.base import Inputs, NonNegativeInt, PositiveInt, Section, SpecFieldError
 
-__all__ = ["FORMAT_INPUTS", "DataFormat", "DataSpec", "TokenizerSpec"]
+__all__ = ["FORMAT_INPUTS", "DataFormat", "DataSpec", "StreamSettings", "TokenizerSpec"]
 
 DataFormat = Literal["auto", "parquet", "text", "jsonl", "mnist", "cifar", "image_folder"]
 # What each source format yields; None where only the data itself can tell (checked at prepare).
@@ -43,7 +43,8 @@ class TokenizerSpec(Section):
         return self
 
 
-class DataSpec(Section):
+class _DataSource(Section):
+    # What is prepared, and how: changing any of these prepares the data anew.
     train: str = Field(
         description="Training data: Parquet shards (dir, glob) or a raw source "
         "(.txt/.jsonl corpus, MNIST idx, CIFAR batches, image folder); local path or s3:// gs://."
@@ -65,6 +66,13 @@ class DataSpec(Section):
     )
     shard_rows: PositiveInt = Field(8192, description="Rows per prepared Parquet shard.")
     cache_dir: str = Field(".orch/data", description="Where prepared datasets are cached.")
+
+
+class StreamSettings(Section):
+    """The data settings read when the data is streamed to the workers, not when it is prepared:
+    all a worker gets of `data`, and all of it a sweep may search (its trials share the data,
+    prepared once)."""
+
     mlm_probability: float = Field(
         0.15, gt=0, lt=1, description="Share of tokens masked for masked-LM training."
     )
@@ -72,3 +80,12 @@ class DataSpec(Section):
         2048, description="Rows in each worker's local shuffle buffer; 0 turns shuffling off."
     )
     augment: bool = Field(False, description="Random crop and flip for image training data.")
+
+
+# Stream settings last: pydantic orders inherited fields by reversed MRO, so the file's,
+# the schema's and `orch show`'s order stays source first, then streaming.
+class DataSpec(StreamSettings, _DataSource):
+    def stream_settings(self) -> StreamSettings:
+        return StreamSettings.model_validate(
+            self.model_dump(include=set(StreamSettings.model_fields))
+        )

@@ -19,6 +19,7 @@ from orchestrator.spec.base import (
     Section,
     SpecFieldError,
 )
+from orchestrator.spec.data import StreamSettings
 from orchestrator.spec.model import MODEL_SECTIONS, reported_metrics
 
 if TYPE_CHECKING:
@@ -175,9 +176,8 @@ def sampled(spec: WorkloadSpec, values: dict[str, Any]) -> WorkloadSpec:
     return WorkloadSpec.model_validate(_with_values(dumped, values))
 
 
-# Data fields read when the data is streamed, not when it is prepared: a sweep prepares the
-# data once and shares it, so only these can differ between trials.
-STREAM_DATA_FIELDS = ("mlm_probability", "shuffle_buffer", "augment")
+# A sweep prepares the data once and shares it, so of `data` only these can differ by trial.
+STREAM_DATA_FIELDS = tuple(StreamSettings.model_fields)
 
 
 def _unsearchable(path: str, scheduler: str) -> str | None:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.models import DataInfo
-from orchestrator.spec import DeepSpeedSpec, ModelSpec, TrainSpec
+from orchestrator.spec import DeepSpeedSpec, ModelSpec, StreamSettings, TrainSpec
 
 __all__ = ["DatasetFacts", "ImageFacts", "TokenizerFacts", "WorkerConfig"]
 
@@ -64,12 +64,6 @@ class DatasetFacts(_Facts):
                 "image": manifest.get("image"),
             }
         )
-
-
-class StreamSettings(_Facts):  # MOVE-TO-SPEC: DataSpec's stream-time fields
-    mlm_probability: float
-    shuffle_buffer: int
-    augment: bool
 
 
 class WorkerConfig(BaseModel):

@@ -16,7 +16,7 @@ from orchestrator.errors import RunError, TrainingFailed
 from orchestrator.models import DataInfo, ModelError, config_hash, resolve_custom
 from orchestrator.spec import WorkloadSpec
 from orchestrator.train.checkpoint import CheckpointMismatch, Manifest, export_model, manifest_in
-from orchestrator.train.config import DatasetFacts, StreamSettings, WorkerConfig
+from orchestrator.train.config import DatasetFacts, WorkerConfig
 from orchestrator.train.engines import accumulation_steps
 from orchestrator.train.loop import steps_per_epoch, train_loop
 
@@ -111,8 +111,11 @@ def worker_config(
     `initial_checkpoint` (a path or URI) starts a new run from another run's weights.
     """
     dataset = run.dataset
-    if spec.model.kind == "bert_mlm" and not (dataset.tokenizer and dataset.tokenizer.mask_id):
-        raise RunError("data: bert_mlm needs a tokenizer with a [MASK] token (use kind wordpiece)")
+    if spec.model.task == "masked_lm" and not (dataset.tokenizer and dataset.tokenizer.mask_id):
+        raise RunError(
+            f"data: {spec.model.kind} trains a masked LM, which needs a tokenizer with a [MASK] "
+            "token (use data.tokenizer.kind wordpiece)"
+        )
     workers = spec.scaling.num_workers
     if steps_per_epoch(dataset.train_rows, spec.train, workers) == 0:
         accum = accumulation_steps(spec.train, workers)
@@ -125,9 +128,7 @@ def worker_config(
         model=spec.model,
         train=spec.train,
         deepspeed=spec.deepspeed,
-        stream=StreamSettings.model_validate(
-            spec.data.model_dump(include=set(StreamSettings.model_fields))
-        ),
+        stream=spec.data.stream_settings(),
         dataset=dataset,
         data_info=run.info,
         model_config_hash=config_hash(spec.model, run.info),
@@ -190,7 +191,8 @@ def export_checkpoint(checkpoint: ray.train.Checkpoint, run_path: str, config: W
             {
                 "model": config.model.model_dump(mode="json"),
                 "data": config.data_info.__dict__,
-                "task": config.model.kind,
+                "kind": config.model.kind,
+                "task": config.model.task,
             },
         )
 
