@@ -92,7 +92,8 @@ class SweepObserver:
         self.local_dir, self.log = local_dir, log
         self.janitor: Any = None  # a PlacementGroupJanitor, while the Tuner runs
         self.next_collect = 0.0
-        self.metric = spec.tune.metric  # type: ignore[union-attr]
+        assert spec.tune is not None  # a sweep's workload has a tune section
+        self.metric = spec.tune.metric
         self.children: dict[str, Tracker | None] = {}  # trial id -> None: could not start
         self.seen: set[str] = set()
         self.last: dict[str, dict[str, Any]] = {}  # trial id -> its last report

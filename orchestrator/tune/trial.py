@@ -75,8 +75,9 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     from orchestrator.tune.janitor import train_loop_in_trial
 
     spec = resolve(setup.spec, config)
-    metric = setup.spec.tune.metric  # type: ignore[union-attr]  # a sweep has a tune section
-    pbt = setup.spec.tune.scheduler.kind == "pbt"  # type: ignore[union-attr]
+    sweep = setup.spec.tune
+    assert sweep is not None  # a sweep's workload has a tune section
+    metric, pbt = sweep.metric, sweep.scheduler.kind == "pbt"
     context = tune.get_context()
     storage = f"{setup.sweep_path}/{_TRIAL_DIR.format(context.get_trial_id())}"
     given = tune.get_checkpoint()
