@@ -326,3 +326,12 @@ def test_error_in_parent_names_the_parent_file(tmp_path: Path) -> None:
     (problem,) = info.value.problems
     assert problem.source == str((tmp_path / "base.yaml").resolve())
     assert (problem.path, problem.line) == ("train.optimizer.lr", 2)
+
+
+def test_unusable_tracking_store_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    # A plain directory is MLflow's retired file store, which MLflow refuses when the client
+    # is made: that refusal, too, is the user's tracking URI to fix.
+    result = CliRunner().invoke(app, ["runs", "--tracking-uri", str(tmp_path / "store")])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert f"cannot read runs from {tmp_path / 'store'}" in result.output

@@ -57,9 +57,10 @@ class MlflowTracker:
 
         settings = spec.tracking.mlflow
         uri = settings.tracking_uri or default_tracking_uri()
-        client = MlflowClient(tracking_uri=uri)
         experiment_name = settings.experiment or spec.name
         try:
+            # Inside the try: MLflow refuses some stores (a plain directory) as the client is made.
+            client = MlflowClient(tracking_uri=uri)
             with quick_requests(timeout=5, retries=0):
                 experiment = client.get_experiment_by_name(experiment_name)
                 experiment_id = (

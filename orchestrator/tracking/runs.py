@@ -15,8 +15,9 @@ def recent_runs(uri: str | None, experiment: str | None, limit: int) -> list[dic
     from mlflow.tracking import MlflowClient
 
     uri = uri or default_tracking_uri()
-    client = MlflowClient(tracking_uri=uri)
     try:
+        # Inside the try: MLflow refuses some stores (a plain directory) as the client is made.
+        client = MlflowClient(tracking_uri=uri)
         with quick_requests(timeout=10, retries=0):
             if experiment:
                 found = client.get_experiment_by_name(experiment)
