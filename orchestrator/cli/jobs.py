@@ -139,10 +139,7 @@ def list_jobs(address: ClusterAddressOption = None) -> None:
     cluster = _cluster(address)
     with exit_on_error():
         rows = cluster_jobs(cluster)
-    if not rows:
-        typer.echo("no jobs")
-        return
-    table(rows)
+    table(rows, empty="no jobs")
 
 
 def job_run(

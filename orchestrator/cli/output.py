@@ -56,8 +56,11 @@ class Progress:
             self.open = False
 
 
-def table(rows: list[dict[str, str]]) -> None:
-    """Print `rows` (all with the same keys) as left-aligned columns under a header."""
+def table(rows: list[dict[str, str]], empty: str) -> None:
+    """Print `rows` (all with the same keys) as left-aligned columns under a header, or `empty`."""
+    if not rows:
+        typer.echo(empty)
+        return
     widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in rows[0]}
     typer.echo("  ".join(k.ljust(w) for k, w in widths.items()).rstrip())
     for row in rows:

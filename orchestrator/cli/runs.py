@@ -29,10 +29,7 @@ def runs(
 
     with exit_on_error():
         rows = recent_runs(tracking_uri, experiment, limit)
-    if not rows:
-        typer.echo("no runs")
-        return
-    table(rows)
+    table(rows, empty="no runs")
 
 
 def runs_upload(

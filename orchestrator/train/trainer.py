@@ -71,9 +71,8 @@ def prepare_run(
         raise RunError(f"data: {exc}") from None
     except ModelError as exc:
         raise RunError(str(exc)) from None
-    run = PreparedRun(
-        prepared, DatasetFacts.from_manifest(prepared.manifest), _data_info(spec, prepared)
-    )
+    dataset = DatasetFacts.from_manifest(prepared.manifest)
+    run = PreparedRun(prepared, dataset, _data_info(spec, dataset))
     try:
         if address is None:
             check_here(spec, run.info)
@@ -83,20 +82,20 @@ def prepare_run(
     return run
 
 
-def _data_info(spec: WorkloadSpec, prepared: PreparedData) -> DataInfo:
-    m = prepared.manifest
-    if m["kind"] == "text":
-        tokenizer = m.get("tokenizer") or {}
-        return DataInfo(vocab_size=tokenizer.get("vocab_size"))
-    image = m["image"]
-    num_classes = image["num_classes"]
+def _data_info(spec: WorkloadSpec, dataset: DatasetFacts) -> DataInfo:
+    """What the model takes from the data, checked against what the spec says of it."""
+    if dataset.kind == "text":
+        return DataInfo(vocab_size=dataset.tokenizer.vocab_size if dataset.tokenizer else None)
+    image = dataset.image
+    assert image is not None, "an image dataset's manifest describes its images"
+    num_classes = image.num_classes
     model_classes = getattr(spec.model, "num_classes", None)
     if model_classes is not None and model_classes < num_classes:
         raise RunError(
             f"model.num_classes is {model_classes} but the data has {num_classes} classes "
             f"(labels up to {num_classes - 1}); set model.num_classes: {num_classes}"
         )
-    channels = image["shape"][2] if image["shape"] else getattr(spec.model, "in_channels", 3)
+    channels = image.shape[2] if image.shape else getattr(spec.model, "in_channels", 3)
     model_channels = getattr(spec.model, "in_channels", channels)
     if model_channels != channels:
         raise RunError(f"model.in_channels is {model_channels} but the images have {channels}")
