@@ -223,8 +223,10 @@ def trials_at_once(
     """Sweep trials at once: what the cluster holds, each trial with its workers, and Ray Data
     `DATA_CPUS` beside them all (the trials' read tasks share it).
 
-    Tune reserves only a trial's own small CPU share; its Train workers ask Ray afterwards, so
-    too many trials at once would hold every CPU and leave their workers waiting forever.
+    `trial_cpu`: what a trial takes beside its workers. A trial that starts a TorchTrainer
+    reserves only its own small CPU share and its Train workers ask Ray afterwards, so too many
+    trials at once would hold every CPU and leave their workers waiting forever. A one-worker
+    trial trains in its own process and reserves the worker's resources itself (0 beside).
     """
     per_worker = scaling.resources_per_worker or {}
     workers = scaling.num_workers
@@ -239,8 +241,9 @@ def trials_at_once(
     if on_this_machine and asked > fit:
         raise PlanError(
             f"tune.max_concurrent_trials: {asked} trials at once do not fit here: each takes "
-            f"{cpus:g} CPU ({trial_cpu:g} for the trial, {workers} worker(s) x "
-            f"{per_worker.get('CPU', 1.0):g})"
+            f"{cpus:g} CPU ("
+            + (f"{trial_cpu:g} for the trial, " if trial_cpu else "")
+            + f"{workers} worker(s) x {per_worker.get('CPU', 1.0):g})"
             + (f" and {gpus:g} GPU" if gpus else "")
             + f", this machine has {have.get('CPU', 0):g} CPU"
             + (f" and {have.get('GPU', 0):g} GPU" if gpus else "")

@@ -36,6 +36,7 @@ __all__ = [
     "epoch_batches",
     "eval_batches",
     "ingest_config",
+    "ingest_options",
     "mask_tokens",
     "open_splits",
 ]
@@ -63,7 +64,14 @@ def open_splits(prepared: PreparedData, seed: int, shuffle: bool = True) -> dict
 
 
 def ingest_config() -> Any:
-    """How Ray Train feeds the splits to workers: streamed, split equally, in seeded order.
+    """How Ray Train feeds the splits to workers: streamed, split equally, in seeded order."""
+    from ray.train import DataConfig
+
+    return DataConfig(execution_options=ingest_options())
+
+
+def ingest_options() -> Any:
+    """Ray Data's execution options for training input, in a Train run or a sweep trial.
 
     Read tasks finish in whatever order the machine's load dictates; `preserve_order` keeps
     the seeded file order, so the same seed gives the same sample order.
@@ -72,7 +80,7 @@ def ingest_config() -> Any:
 
     options = DataConfig.default_ingest_options()
     options.preserve_order = True
-    return DataConfig(execution_options=options)
+    return options
 
 
 def check_shards(prepared: PreparedData) -> None:

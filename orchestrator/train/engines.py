@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from orchestrator.spec import DeepSpeedSpec, OptimizerSpec, SchedulerSpec, TrainSpec
+from orchestrator.train.session import Session
 
 __all__ = [
     "DDPEngine",
@@ -107,14 +108,15 @@ def lr_lambda(spec: SchedulerSpec, total_steps: int) -> Callable[[int], float]:
 
 
 class DDPEngine:
-    """Plain data parallelism (torch DDP through Ray Train), with autocast for bf16/fp16."""
+    """Plain data parallelism (torch DDP through Ray Train; one process in a sweep trial), with
+    autocast for bf16/fp16."""
 
-    def __init__(self, model: nn.Module, train: TrainSpec, accum: int, total_steps: int):
-        import ray.train.torch
-
-        self.device = ray.train.torch.get_device()
+    def __init__(
+        self, model: nn.Module, train: TrainSpec, session: Session, accum: int, total_steps: int
+    ):
+        self.device = session.device
         self.module = model
-        self.model = ray.train.torch.prepare_model(model)
+        self.model = session.prepare_model(model)
         self.optimizer = make_optimizer(train.optimizer, model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(train.scheduler, total_steps)
@@ -133,11 +135,8 @@ class DDPEngine:
         """Accumulate; at a boundary clip, step and return True."""
         self.micro += 1
         boundary = self.micro % self.accum == 0
-        sync = (
-            contextlib.nullcontext()
-            if boundary or not hasattr(self.model, "no_sync")
-            else (self.model.no_sync())
-        )
+        no_sync = getattr(self.model, "no_sync", None)  # DDP's; a one-process model has none
+        sync = contextlib.nullcontext() if boundary or no_sync is None else no_sync()
         with sync:
             self.scaler.scale(loss / self.accum).backward()
         if not boundary:
@@ -244,13 +243,13 @@ def make_engine(
     model: nn.Module,
     train: TrainSpec,
     ds: DeepSpeedSpec | None,
-    world: int,
+    session: Session,
     accum: int,
     total_steps: int,
 ) -> Engine:
     if ds is None:
-        return DDPEngine(model, train, accum, total_steps)
-    return DeepSpeedEngine(model, train, ds, world, total_steps)
+        return DDPEngine(model, train, session, accum, total_steps)
+    return DeepSpeedEngine(model, train, ds, session.world, total_steps)
 
 
 @contextlib.contextmanager

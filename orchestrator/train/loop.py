@@ -1,8 +1,9 @@
 """The per-worker training loop: reads top to bottom, from its typed config to reported metrics.
 
-Runs inside each Ray Train worker. Every rank follows the same schedule of `ray.train.report`
-calls (it is a collective), so logging, evaluation and checkpointing happen on the same steps
-everywhere.
+Runs inside each Ray Train worker (`train_loop`), or in a one-worker sweep trial's own process
+(`run_loop` with a `TrialSession`). Every rank follows the same schedule of reports (in Ray
+Train a report is a collective), so logging, evaluation and checkpointing happen on the same
+steps everywhere.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ from orchestrator.train.checkpoint import (
 )
 from orchestrator.train.config import WorkerConfig
 from orchestrator.train.engines import Engine, accumulation_steps, make_engine, no_grad_eval
+from orchestrator.train.session import Session, TrainSession
 
 if TYPE_CHECKING:
     import ray.train
 
-__all__ = ["steps_per_epoch", "total_steps", "train_loop"]
+__all__ = ["run_loop", "steps_per_epoch", "total_steps", "train_loop"]
 
 
 def steps_per_epoch(train_rows: int, train: TrainSpec, world: int) -> int:
@@ -54,11 +56,12 @@ def total_steps(train_rows: int, train: TrainSpec, world: int) -> int:
 
 
 def train_loop(raw_config: dict[str, Any]) -> None:
-    import ray.train
+    """The Ray Train worker's entry point (TorchTrainer's `train_loop_per_worker`)."""
+    run_loop(WorkerConfig.model_validate(raw_config), TrainSession())
 
-    cfg = WorkerConfig.model_validate(raw_config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+
+def run_loop(cfg: WorkerConfig, session: Session) -> None:
+    rank, world = session.rank, session.world
     train = cfg.train
 
     accum = accumulation_steps(train, world)
@@ -80,14 +83,14 @@ def train_loop(raw_config: dict[str, Any]) -> None:
     step, start_epoch, skip = 0, 0, 0
     # The run's own checkpoint (a restart) wins over the one it was started from (a sweep's
     # PBT exploit); both pass the same manifest check, before any model is built.
-    checkpoint = ray.train.get_checkpoint() or _initial(cfg.initial_checkpoint)
+    checkpoint = session.resume_from() or _initial(cfg.initial_checkpoint)
     if checkpoint is not None:
         saved = checkpoint_manifest(checkpoint)
         saved.check_resumable_by(me, f"checkpoint {checkpoint.path}")
         step, start_epoch, skip = saved.step, saved.epoch, saved.batches_in_epoch
 
-    train_shard = ray.train.get_dataset_shard("train")
-    eval_shard = _eval_shard()
+    train_shard = session.dataset("train")
+    eval_shard = _Lazy(lambda: session.dataset("eval"))  # opened at the first evaluation
     # Ray Data's stream takes seconds to start (its coordinator, then read tasks in new worker
     # processes); fetching the first batch now overlaps that with building the model.
     first_epoch = StartedEarly(
@@ -98,7 +101,7 @@ def train_loop(raw_config: dict[str, Any]) -> None:
 
     torch.manual_seed(train.seed)  # the same initial weights on every rank
     model = build_model(cfg.model, cfg.data_info)
-    engine = make_engine(model, train, cfg.deepspeed, world, accum, total)
+    engine = make_engine(model, train, cfg.deepspeed, session, accum, total)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             engine.load(directory)
@@ -141,11 +144,11 @@ def train_loop(raw_config: dict[str, Any]) -> None:
                     "total_steps": total
                 }
                 if evaluate:
-                    metrics |= _evaluate(eval_shard, task, cfg, engine)
+                    metrics |= _evaluate(eval_shard.get(), task, cfg, engine)
                 position = (
                     (epoch, consumed) if consumed < _batches_hint(cfg, world) else (epoch + 1, 0)
                 )
-                _report(metrics, engine, me, (step, *position), rank, save)
+                _report(session, metrics, engine, me, (step, *position), save)
                 window.restart()
             if done:
                 break
@@ -248,13 +251,16 @@ def _loss(output: Any, labels: torch.Tensor, task: str) -> torch.Tensor:
     )
 
 
-def _eval_shard() -> Any:
-    import ray.train
+class _Lazy:
+    """A value made on first use."""
 
-    try:
-        return ray.train.get_dataset_shard("eval")
-    except (KeyError, ValueError):
-        return None
+    def __init__(self, make: Any):
+        self._make, self._made, self._value = make, False, None
+
+    def get(self) -> Any:
+        if not self._made:
+            self._value, self._made = self._make(), True
+        return self._value
 
 
 def _evaluate(shard: Any, task: str, cfg: WorkerConfig, engine: Engine) -> dict[str, float]:
@@ -319,22 +325,20 @@ def _batches_hint(cfg: WorkerConfig, world: int) -> int:
 
 
 def _report(
+    session: Session,
     metrics: dict[str, Any],
     engine: Engine,
     me: Manifest,
     state: tuple[int, int, int],
-    rank: int,
     save: bool,
 ) -> None:
-    import ray.train
-
-    if not save:
-        ray.train.report(metrics)
-        return
     step, epoch, consumed = state
+    if not save:
+        session.report(metrics, None, step)
+        return
     with tempfile.TemporaryDirectory() as directory:
-        engine.save(directory, rank)
-        if rank == 0:
+        engine.save(directory, session.rank)
+        if session.rank == 0:
             here = Manifest(
                 step,
                 epoch,
@@ -347,8 +351,4 @@ def _report(
             )
             write_manifest(directory, here)
         has_files = any(os.scandir(directory))
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(directory) if has_files else None,
-            checkpoint_dir_name=f"step-{step:08d}",
-        )
+        session.report(metrics, directory if has_files else None, step)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from orchestrator.tracking import Tracker
 from orchestrator.tune.observe import SweepObserver, register, unregister
 from orchestrator.tune.results import SweepResult, finish, row
-from orchestrator.tune.trial import TRIAL_CPU, TrialSetup
+from orchestrator.tune.trial import TrialSetup, trains_in_trial, trial_resources
 
 __all__ = ["SweepInterrupted", "run_sweep"]
 
@@ -109,17 +109,20 @@ def _fit(
 
     from orchestrator.tune.janitor import PlacementGroupJanitor
 
-    janitor = PlacementGroupJanitor.remote()  # type: ignore[attr-defined]
-    observer.janitor = janitor
-    setup = dataclasses.replace(setup, janitor=janitor)
+    janitor = None
+    if not trains_in_trial(setup.spec):  # only TorchTrainers leave placement groups behind
+        janitor = PlacementGroupJanitor.remote()  # type: ignore[attr-defined]
+        observer.janitor = janitor
+        setup = dataclasses.replace(setup, janitor=janitor)
     register(setup.sweep_path, observer)
     try:
         with _quiet_tune(verbose):
             return _tuner(setup, concurrency, restoring, verbose).fit()
     finally:
         unregister(setup.sweep_path)
-        ray.get(janitor.collect.remote())  # before this Ray runs anything else
-        ray.kill(janitor)
+        if janitor is not None:
+            ray.get(janitor.collect.remote())  # before this Ray runs anything else
+            ray.kill(janitor)
 
 
 def _unfinished(path: str) -> int:
@@ -166,7 +169,8 @@ def _tuner(setup: TrialSetup, concurrency: int, restoring: bool, verbose: bool) 
     spec, path = setup.spec, setup.sweep_path
     assert spec.tune is not None
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, setup=setup), {"cpu": TRIAL_CPU}
+        tune.with_parameters(run_trial, setup=setup),
+        tune.PlacementGroupFactory([trial_resources(spec)]),
     )
     if restoring:
         # Errored trials get another go: the cause may have been fixed since.
@@ -204,11 +208,13 @@ def _concurrency(spec: WorkloadSpec, on_this_machine: bool) -> int:
     import ray
 
     from orchestrator.plan import PlanError, trials_at_once
+    from orchestrator.tune.trial import TRAINER_TRIAL_CPU
 
     assert spec.tune is not None
+    trial_cpu = 0.0 if trains_in_trial(spec) else TRAINER_TRIAL_CPU  # beside its workers
     try:
         return trials_at_once(
-            spec.scaling, spec.tune, ray.cluster_resources(), TRIAL_CPU, on_this_machine
+            spec.scaling, spec.tune, ray.cluster_resources(), trial_cpu, on_this_machine
         )
     except PlanError as exc:
         raise RunError(str(exc)) from None

@@ -1,15 +1,21 @@
-"""One sweep trial: a Tune function trainable that runs a whole Ray Train run of the workload.
+"""One sweep trial: a Tune function trainable that trains the sampled workload.
 
-The trial takes little CPU itself (its TorchTrainer's workers ask Ray for their own), checks its
-sampled config as a workload, and starts a TorchTrainer built by `orchestrator.train`. Only
-reports that carry the sweep's metric reach Tune: Tune refuses results without it, and it makes
-one training iteration one evaluation for ASHA's rungs.
+A one-worker trial without DeepSpeed (what most sweeps run) trains right here, in the trial's
+own process (`TrialSession`): no Ray Train controller, worker group or split coordinator starts
+for it, which on a small machine cost each trial more than its training. The trial asks Tune
+for the worker's resources, and persists its checkpoints into `train/step-*` under the trial's
+directory, as a Train run does.
 
-Under PBT the trial also registers its checkpoints with Tune, which PBT needs to exploit one
-trial's state in another. Ray's TuneReportCallback sends metrics only (the checkpoint path as a
-metric), so under PBT reports travel through a queue to this function, which reports them to
-Tune with their checkpoint. A trial that Tune hands a checkpoint (PBT's exploit) starts a new
-Train run from it; otherwise it continues its own Train run (after a retry, or a resumed sweep).
+Trials with several workers, or with DeepSpeed (which needs the process group Ray Train sets
+up), start a TorchTrainer instead. Its workers ask Ray for their own resources, so the trial
+itself takes little CPU.
+
+Only reports that carry the sweep's metric reach Tune: Tune refuses results without it, and it
+makes one training iteration one evaluation for ASHA's rungs. Under PBT the reports that reach
+Tune also carry their checkpoint, which PBT needs to exploit one trial's state in another.
+A TorchTrainer's reports reach the trial through Ray's TuneReportCallback (metrics only), or
+under PBT through a queue. A trial that Tune hands a checkpoint (PBT's exploit) starts a new run
+from it; otherwise it continues its own run (after a retry, or in a resumed sweep).
 """
 
 from __future__ import annotations
@@ -26,9 +32,16 @@ from orchestrator.spec import WorkloadSpec, sample_errors
 from orchestrator.train.checkpoint import checkpoint_uri
 from orchestrator.train.trainer import PreparedRun
 
-__all__ = ["SampleError", "TrialSetup", "run_trial", "trial_dir_name"]
+__all__ = [
+    "SampleError",
+    "TrialSetup",
+    "run_trial",
+    "trains_in_trial",
+    "trial_dir_name",
+    "trial_resources",
+]
 
-TRIAL_CPU = 0.25  # the trial's own process only waits on its TorchTrainer
+TRAINER_TRIAL_CPU = 0.25  # a trial that starts a TorchTrainer only waits on it
 
 
 class SampleError(ValueError):
@@ -42,7 +55,21 @@ class TrialSetup:
     spec: WorkloadSpec
     run: PreparedRun
     sweep_path: str  # the Tune experiment directory (local path or URI)
-    janitor: Any  # a PlacementGroupJanitor (janitor.py); None until the Tuner starts
+    janitor: Any  # a PlacementGroupJanitor (janitor.py) for trials that start a TorchTrainer
+
+
+def trains_in_trial(spec: WorkloadSpec) -> bool:
+    """Whether the trials of this sweep train in their own process (see the module's doc)."""
+    return spec.scaling.num_workers == 1 and spec.deepspeed is None
+
+
+def trial_resources(spec: WorkloadSpec) -> dict[str, float]:
+    """What Tune reserves for one trial: the worker's resources when it trains in the trial."""
+    from orchestrator.plan import worker_resources
+
+    if trains_in_trial(spec):
+        return worker_resources(spec.scaling)
+    return {"CPU": TRAINER_TRIAL_CPU}
 
 
 def trial_dir_name(trial: Any) -> str:
@@ -65,34 +92,125 @@ def resolve(spec: WorkloadSpec, config: dict[str, Any]) -> WorkloadSpec:
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
-    """The Tune trainable: one full, resumable Ray Train run of the sampled workload."""
-    import functools
-
-    import ray.train
+    """The Tune trainable: one full, resumable run of the sampled workload."""
     from ray import tune
 
-    from orchestrator.train.trainer import build_trainer, explain, export_final, worker_config
-    from orchestrator.tune.janitor import train_loop_in_trial
+    from orchestrator.train.trainer import worker_config
 
     spec = resolve(setup.spec, config)
     sweep = setup.spec.tune
     assert sweep is not None  # a sweep's workload has a tune section
-    metric, pbt = sweep.metric, sweep.scheduler.kind == "pbt"
     context = tune.get_context()
     storage = f"{setup.sweep_path}/{_TRIAL_DIR.format(context.get_trial_id())}"
     given = tune.get_checkpoint()
     start = checkpoint_uri(given) if given is not None else None
-    # A new Train run per checkpoint Tune hands over, named by it, so a retry of the same
-    # trial continues that run instead of starting over.
+    # A new run per checkpoint Tune hands over, named by it, so a retry of the same trial
+    # continues that run instead of starting over.
     name = "train" if given is None else f"train-{_short_hash(given.path)}"
-    train_config = worker_config(spec, setup.run, start)
     extra = {"restored_from": _source_trial(given.path)} if given is not None else {}
+    to_tune = _ToTune(sweep.metric, sweep.scheduler.kind == "pbt", extra)
+    train_config = worker_config(spec, setup.run, start)
+    if trains_in_trial(spec):
+        _train_here(spec, setup, train_config, f"{storage}/{name}", to_tune)
+    else:
+        _train_with_trainer(spec, setup, train_config, storage, name, to_tune)
+
+
+@dataclass(frozen=True)
+class _ToTune:
+    """What of the training loop's reports Tune sees (see the module's doc)."""
+
+    metric: str
+    pbt: bool
+    extra: dict[str, Any]
+
+    def __call__(self, metrics: dict[str, Any], checkpoint_uri: str | None) -> None:
+        from ray import tune
+
+        if self.metric not in metrics or (self.pbt and checkpoint_uri is None):
+            return
+        metrics = metrics | self.extra
+        if checkpoint_uri is not None:
+            metrics |= {"checkpoint_path": checkpoint_uri}
+        with_checkpoint = self.pbt and checkpoint_uri is not None
+        tune.report(
+            metrics, checkpoint=tune.Checkpoint(checkpoint_uri) if with_checkpoint else None
+        )
+
+
+def _train_here(
+    spec: WorkloadSpec, setup: TrialSetup, config: Any, run_dir: str, to_tune: _ToTune
+) -> None:
+    """Train in this process; export the final model beside the checkpoints."""
+    import ray.train
+
+    from orchestrator.data import open_splits
+    from orchestrator.data.stream import ingest_options
+    from orchestrator.train.loop import run_loop
+    from orchestrator.train.session import TrialSession, checkpoint_dirs
+    from orchestrator.train.trainer import export_checkpoint
+
+    saved = checkpoint_dirs(run_dir)
+    if saved and (last := _final_report(saved[-1])) is not None:
+        # The run ended while the sweep was being stopped, before Tune heard of its end.
+        to_tune(last, saved[-1])
+        return
+    datasets = open_splits(
+        setup.run.prepared, seed=spec.train.seed, shuffle=spec.data.shuffle_buffer > 0
+    )
+    for dataset in datasets.values():
+        dataset.context.execution_options = ingest_options()
+    session = TrialSession(run_dir, datasets, spec.train.keep_checkpoints, to_tune)
+    run_loop(config, session)
+    if saved := checkpoint_dirs(run_dir):
+        export_checkpoint(ray.train.Checkpoint(saved[-1]), run_dir, config)
+
+
+def _final_report(checkpoint: str) -> dict[str, Any] | None:
+    """The report a checkpoint was persisted with, if it was the run's last."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    from orchestrator.train.session import REPORT
+
+    fs, path = (
+        pafs.FileSystem.from_uri(checkpoint)
+        if "://" in checkpoint
+        else (pafs.LocalFileSystem(), checkpoint)
+    )
+    try:
+        with fs.open_input_stream(f"{path}/{REPORT}") as f:
+            report: dict[str, Any] = json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    step = report.get("step")
+    return report if step is not None and step == report.get("total_steps") else None
+
+
+def _train_with_trainer(
+    spec: WorkloadSpec,
+    setup: TrialSetup,
+    config: Any,
+    storage: str,
+    name: str,
+    to_tune: _ToTune,
+) -> None:
+    """Start a TorchTrainer for the trial's workers, relay its reports, export its model."""
+    import functools
+
+    import ray.train
+
+    from orchestrator.train.trainer import build_trainer, explain, export_final
+    from orchestrator.tune.janitor import train_loop_in_trial
+
+    metric = to_tune.metric
     if (ended := _ended_run(f"{storage}/{name}")) is not None:
         # The run finished while the sweep was being stopped, before Tune heard of its end.
-        _report(ended.metrics | extra, ended.checkpoint, metric, pbt)
+        to_tune(ended.metrics, ended.checkpoint.path)
         return
     channel = None
-    if pbt:
+    if to_tune.pbt:
         from ray.util.queue import Queue
 
         channel = Queue(maxsize=1, actor_options={"num_cpus": 0})
@@ -102,19 +220,17 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     trainer = build_trainer(
         spec,
         setup.run,
-        train_config,
+        config,
         name=name,
         storage=storage,
         callbacks=callbacks,
         loop=functools.partial(train_loop_in_trial, janitor=setup.janitor),
     )
     try:
-        result = (
-            trainer.fit() if channel is None else _fit_reporting(trainer, channel, extra, metric)
-        )
+        result = trainer.fit() if channel is None else _fit_reporting(trainer, channel, to_tune)
     except ray.train.TrainingFailedError as exc:
         raise explain(exc) from None
-    export_final(result, train_config)
+    export_final(result, config)
 
 
 class _MetricReports(TuneReportCallback):
@@ -153,20 +269,7 @@ def _ended_run(path: str) -> Any:
     return result if m.get("step") is not None and m.get("step") == m.get("total_steps") else None
 
 
-def _report(metrics: dict[str, Any], checkpoint: Any, metric: str, with_checkpoint: bool) -> None:
-    """One report to Tune from the trial itself (reports normally come from the callbacks)."""
-    from ray import tune
-
-    if metric not in metrics:
-        return
-    metrics = metrics | {"checkpoint_path": checkpoint.path}
-    if with_checkpoint:
-        tune.report(metrics, checkpoint=tune.Checkpoint(checkpoint.path, checkpoint.filesystem))
-    else:
-        tune.report(metrics)
-
-
-def _fit_reporting(trainer: Any, channel: Any, extra: dict[str, Any], metric: str) -> Any:
+def _fit_reporting(trainer: Any, channel: Any, to_tune: _ToTune) -> Any:
     """Run fit() on a thread; report what it sends to Tune with checkpoints, from this one.
 
     tune.report must run in the trainable's own thread; fit() blocks, hence the helper thread.
@@ -185,7 +288,7 @@ def _fit_reporting(trainer: Any, channel: Any, extra: dict[str, Any], metric: st
     thread.start()
     while (item := channel.get()) is not None:
         metrics, checkpoint = item
-        _report(metrics | extra, checkpoint, metric, with_checkpoint=True)
+        to_tune(metrics, checkpoint_uri(checkpoint))
     thread.join()
     if "error" in outcome:
         raise outcome["error"]

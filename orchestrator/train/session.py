@@ -1,0 +1,198 @@
+"""Where the training loop runs, behind the few calls the loop makes of it.
+
+`TrainSession`: a Ray Train worker. Ray Train hands out the worker's data shard and the
+checkpoint to resume from, and persists what the loop reports.
+
+`TrialSession`: a one-worker sweep trial, run in the Tune trial's own process with no Ray Train
+run around it (no controller, worker group or split coordinator to start for every trial). The
+trial reads whole splits, persists its checkpoints itself into the same `step-NNNNNNNN`
+directories a Train run writes (so resuming, exporting and `orch runs` read them alike), and
+reports to Tune what Tune should see: the reports that carry the sweep's metric.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import nn
+
+from orchestrator.train.checkpoint import MANIFEST
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+    import ray.train
+
+__all__ = [
+    "REPORT",
+    "Session",
+    "TrainSession",
+    "TrialSession",
+    "checkpoint_dirs",
+    "step_dir_name",
+]
+
+REPORT = "orch_report.json"  # the metrics of the report a persisted checkpoint came with
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+class Session(Protocol):
+    """What the training loop asks of where it runs."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    def prepare_model(self, model: nn.Module) -> nn.Module: ...
+
+    def resume_from(self) -> ray.train.Checkpoint | None:
+        """The run's own latest checkpoint (after a restart), if any."""
+        ...
+
+    def dataset(self, split: str) -> Any:
+        """This worker's iterator of `split`; None when the run has no such split."""
+        ...
+
+    def report(self, metrics: dict[str, Any], directory: str | None, step: int) -> None:
+        """Report metrics, with the checkpoint written to `directory` when there is one."""
+        ...
+
+
+class TrainSession:
+    """A Ray Train worker's session."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def resume_from(self) -> ray.train.Checkpoint | None:
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def dataset(self, split: str) -> Any:
+        import ray.train
+
+        try:
+            return ray.train.get_dataset_shard(split)
+        except (KeyError, ValueError):
+            return None
+
+    def report(self, metrics: dict[str, Any], directory: str | None, step: int) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=step_dir_name(step))
+
+
+@dataclass
+class TrialSession:
+    """A one-worker sweep trial's session: the loop in the Tune trial's process.
+
+    run_dir: where this trial's checkpoints go (a local path or URI), as a Train run's would.
+    to_tune: turns one of the loop's reports, and the URI of the checkpoint persisted with it
+    (or None), into the call to Tune it makes, if any (trial.py decides what Tune sees).
+    """
+
+    run_dir: str
+    datasets: dict[str, Any]  # split -> ray.data.Dataset
+    keep: int | None  # checkpoints kept (train.keep_checkpoints); None: all
+    to_tune: Callable[[dict[str, Any], str | None], None]
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: _trial_device())
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device)
+
+    def resume_from(self) -> ray.train.Checkpoint | None:
+        import ray.train
+
+        dirs = checkpoint_dirs(self.run_dir)
+        return ray.train.Checkpoint(dirs[-1]) if dirs else None
+
+    def dataset(self, split: str) -> Any:
+        dataset = self.datasets.get(split)
+        return dataset.iterator() if dataset is not None else None
+
+    def report(self, metrics: dict[str, Any], directory: str | None, step: int) -> None:
+        uri = None
+        if directory is not None:
+            with open(os.path.join(directory, REPORT), "w") as f:
+                json.dump(metrics, f)
+            uri = f"{self.run_dir.rstrip('/')}/{step_dir_name(step)}"
+            persist(directory, uri)
+            self._prune()
+        self.to_tune(metrics, uri)
+
+    def _prune(self) -> None:
+        if self.keep is None:
+            return
+        fs, _ = _filesystem(self.run_dir)
+        for old in checkpoint_dirs(self.run_dir)[: -self.keep]:
+            with contextlib.suppress(FileNotFoundError):
+                fs.delete_dir(_filesystem(old)[1])
+
+
+def _trial_device() -> torch.device:
+    """The GPU Ray gave the trial (it sets CUDA_VISIBLE_DEVICES to it), else the CPU."""
+    import ray
+
+    return torch.device("cuda", 0) if ray.get_gpu_ids() else torch.device("cpu")
+
+
+def persist(directory: str, uri: str) -> None:
+    """Copy a checkpoint directory to `uri`, its manifest last: a copy cut short has none, and
+    `checkpoint_dirs` passes it over."""
+    import pyarrow.fs as pafs
+
+    fs, path = _filesystem(uri)
+    fs.create_dir(path, recursive=True)
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name == MANIFEST):
+        pafs.copy_files(entry.path, f"{path}/{entry.name}", pafs.LocalFileSystem(), fs)
+
+
+def checkpoint_dirs(run_dir: str) -> list[str]:
+    """The complete checkpoints of a run directory (they have a manifest), oldest first, as
+    paths or URIs like `run_dir`."""
+    import pyarrow.fs as pafs
+
+    fs, root = _filesystem(run_dir)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return []
+    found = sorted(
+        info.base_name
+        for info in fs.get_file_info(pafs.FileSelector(root))
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("step-")
+    )
+    prefix = run_dir.rstrip("/")
+    return [
+        f"{prefix}/{name}"
+        for name in found
+        if fs.get_file_info(f"{root}/{name}/{MANIFEST}").type == pafs.FileType.File
+    ]
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    import pyarrow.fs as pafs
+
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
