@@ -10,10 +10,13 @@ Measured side by side in one run (this machine is noisy: compare the ratios):
 3. Start-up: wall time from launching `orch run` to its first reported training step, with the
    prepared data already cached (the usual case) and from a cold cache; next to it, Ray's own
    floor: launching a bare script whose TorchTrainer (same 2 workers) runs an empty loop, and
-   one whose loop takes a first batch of the same shards through Ray Data.
+   one whose loop takes a first batch of the same shards through Ray Data. The cached case
+   and that floor are measured `--repeats` times, interleaved (medians), beside `orch run`
+   with Ray Train's own defaults for the settings orch changes (`RAY_DEFAULTS`).
 
-Run from the repository root: `python bench/train_overhead.py [--steps N]`. Prints a report and
-writes bench/results/train_overhead.json. Needs ../shared/data/tinyshakespeare.txt.
+Run from the repository root: `python bench/train_overhead.py [--steps N] [--startup-only]`.
+Prints a report and writes bench/results/train_overhead.json. Needs
+../shared/data/tinyshakespeare.txt.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -155,8 +159,17 @@ def run_baseline(prepared_root: str, spec: WorkloadSpec, steps: int, tmp: Path) 
     return {"step_time_s": step_time, "samples_per_s": MICRO * WORKERS / step_time}
 
 
-def time_to_first_step(tmp: Path, cold: bool) -> float:
-    """Seconds from launching `orch run` to its first reported step."""
+# Ray's own values of the Ray Train settings orch changes (orchestrator/ray_session.py):
+# `orch run` with these in its environment starts as it did before orch set them.
+RAY_DEFAULTS = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1",
+}
+
+
+def time_to_first_step(tmp: Path, cold: bool, env: dict[str, str] | None = None) -> float:
+    """Seconds from launching `orch run` to its first reported step (`env`: added to its
+    environment)."""
     cache = [f"data.cache_dir={quoted(tmp / f'cold-{time.time_ns()}')}"] if cold else []
     spec = workload(tmp, 3, "train.log_every=1", *cache)
     path = tmp / "first.yaml"
@@ -169,6 +182,7 @@ def time_to_first_step(tmp: Path, cold: bool) -> float:
         stderr=subprocess.STDOUT,
         text=True,
         cwd=tmp,
+        env=os.environ | (env or {}),
     )
     first = None
     assert proc.stdout is not None
@@ -250,20 +264,36 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--shuffle-buffer", type=int, default=SHUFFLE_BUFFER)
     parser.add_argument("--skip-startup", action="store_true", help="throughput only")
+    parser.add_argument("--startup-only", action="store_true", help="start-up only")
+    parser.add_argument("--repeats", type=int, default=2, help="start-up measurements of each")
     args = parser.parse_args()
     globals()["SHUFFLE_BUFFER"] = args.shuffle_buffer
     tmp = Path(tempfile.mkdtemp(prefix="orch-bench-"))
     try:
         spec = workload(tmp, args.steps)
-        orch = run_orch(spec, "throughput")
+        nan = float("nan")
+        orch = {"samples_per_s": nan, "data_wait_share": nan}
+        baseline = {"samples_per_s": nan}
+        if args.startup_only:
+            run_orch(workload(tmp, 3), "prepare-only")  # the data, cached for the runs below
+        else:
+            orch = run_orch(spec, "throughput")
         prepared = next((tmp / "cache").iterdir())
-        baseline = run_baseline(str(prepared), spec, args.steps, tmp)
-        warm = cold = floor = data_floor = float("nan")
+        if not args.startup_only:
+            baseline = run_baseline(str(prepared), spec, args.steps, tmp)
+        warm = cold = floor = data_floor = defaults = nan
         if not args.skip_startup:
-            warm = time_to_first_step(tmp, cold=False)
+            # Interleaved, the median of each: the machine's speed drifts within a run.
+            runs: dict[str, list[float]] = {"warm": [], "defaults": [], "data_floor": []}
+            for _ in range(args.repeats):
+                runs["data_floor"].append(ray_floor(tmp, shards=str(prepared / "train")))
+                runs["warm"].append(time_to_first_step(tmp, cold=False))
+                runs["defaults"].append(time_to_first_step(tmp, cold=False, env=RAY_DEFAULTS))
+            warm, defaults, data_floor = (
+                statistics.median(runs[k]) for k in ("warm", "defaults", "data_floor")
+            )
             cold = time_to_first_step(tmp, cold=True)
             floor = ray_floor(tmp)
-            data_floor = ray_floor(tmp, shards=str(prepared / "train"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report = {
@@ -277,10 +307,13 @@ def main() -> None:
         ),
         "orch_data_wait_share": round(orch["data_wait_share"], 4),
         "first_step_s_cached_data": round(warm, 1),
+        "first_step_s_cached_data_ray_train_defaults": round(defaults, 1),
         "first_step_s_cold_cache": round(cold, 1),
         "ray_train_floor_s": round(floor, 1),
         "ray_train_with_data_floor_s": round(data_floor, 1),
         "first_step_s_above_ray_data_floor": round(warm - data_floor, 1),
+        "first_step_ratio_to_ray_data_floor": round(warm / data_floor, 2),
+        "startup_repeats": args.repeats,
     }
     out = ROOT / "bench" / "results" / "train_overhead.json"
     out.parent.mkdir(exist_ok=True)

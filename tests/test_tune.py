@@ -302,3 +302,36 @@ def test_pbt_restores_trials_from_checkpoints_it_exploits(
     # Training went on from the exploited checkpoint's step, not from step 0.
     assert first["step"] > 2
     assert list((Path(result.path) / f"trial_{trial}").glob("train-*/step-*"))
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_trials_with_several_workers_run_a_torch_trainer_and_free_its_workers(
+    local_ray: None, shared_data: Path, data_cache: Path, tmp_path: Path
+) -> None:
+    """One-worker trials train in their own process (the sweeps above); a trial with two
+    workers starts a TorchTrainer, and what its workers held is freed when the sweep ends."""
+    from ray.util import placement_group_table
+
+    spec = tiny_sweep(
+        shared_data,
+        data_cache,
+        tmp_path,
+        "tune.num_samples=1",
+        "scaling.num_workers=2",
+        "scaling.resources_per_worker={CPU: 0.25}",
+        "train.max_steps=4",
+        "train.checkpoint_every=2",
+    )
+    result = run_sweep(spec, tracking=False)
+    (row,) = result.trials
+    assert row.status == "DONE" and row.step == 4 and row.metric is not None
+    run_dir = Path(result.path) / f"trial_{row.trial_id}" / "train"
+    assert row.checkpoint == str(run_dir / "step-00000004")
+    assert result.model_dir == str(run_dir / "model")
+    assert (run_dir / "model" / "state_dict.pt").is_file()
+    # Two workers ran: the checkpoint's manifest says so (a one-worker trial's says 1).
+    manifest = json.loads((run_dir / "step-00000004" / "orch_checkpoint.json").read_text())
+    assert manifest["world_size"] == 2
+    held = [g for g in placement_group_table().values() if g["state"] != "REMOVED"]
+    assert held == [], held

@@ -164,9 +164,15 @@ def persist(directory: str, uri: str) -> None:
     import pyarrow.fs as pafs
 
     fs, path = _filesystem(uri)
-    fs.create_dir(path, recursive=True)
-    for entry in sorted(os.scandir(directory), key=lambda e: e.name == MANIFEST):
-        pafs.copy_files(entry.path, f"{path}/{entry.name}", pafs.LocalFileSystem(), fs)
+    files = [
+        os.path.relpath(os.path.join(parent, name), directory)
+        for parent, _, names in os.walk(directory)
+        for name in names
+    ]
+    for relative in sorted(files, key=lambda f: f == MANIFEST):
+        target = f"{path}/{relative.replace(os.sep, '/')}"
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        pafs.copy_files(os.path.join(directory, relative), target, pafs.LocalFileSystem(), fs)
 
 
 def checkpoint_dirs(run_dir: str) -> list[str]:
