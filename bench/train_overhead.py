@@ -93,6 +93,18 @@ def run_orch(spec: WorkloadSpec, name: str) -> dict:
     }
 
 
+def prepare_only(spec: WorkloadSpec) -> None:
+    import ray
+
+    from orchestrator.data import prepare
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        prepare(spec.data)
+    finally:
+        ray.shutdown()
+
+
 def _baseline_worker(
     rank: int, path: str, steps: int, port: int, out: str, spec: WorkloadSpec
 ) -> None:
@@ -275,7 +287,7 @@ def main() -> None:
         orch = {"samples_per_s": nan, "data_wait_share": nan}
         baseline = {"samples_per_s": nan}
         if args.startup_only:
-            run_orch(workload(tmp, 3), "prepare-only")  # the data, cached for the runs below
+            prepare_only(spec)  # the data, cached for the runs below
         else:
             orch = run_orch(spec, "throughput")
         prepared = next((tmp / "cache").iterdir())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -290,6 +291,24 @@ def test_model_too_large_is_refused(shared_data: Path, data_cache: Path, tmp_pat
         RunError, match=r"model: .*M parameters.*needs ~\d+.* GB .*this machine has"
     ):
         run_workload(spec)
+
+
+def test_ray_train_settings_orch_changes_leave_the_users_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """orch shortens Ray Train's report poll and, on a local Ray, drops its preemption
+    watcher; a value the user set in the environment stays."""
+    from orchestrator.ray_session import ray_session
+
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.5")
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "")
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")  # restored (absent) afterwards
+    with ray_session():
+        assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1.5"
+        assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    with ray_session(address="auto"):  # an existing Ray: it may have nodes to watch
+        assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.2"
 
 
 def test_data_cpus_left_for_ray_data(shared_data: Path, data_cache: Path, tmp_path: Path) -> None:
