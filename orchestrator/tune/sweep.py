@@ -187,9 +187,11 @@ def _tuner(setup: TrialSetup, concurrency: int, restoring: bool, verbose: bool) 
             num_samples=t.num_samples,
             time_budget_s=t.time_budget_s,
             trial_dirname_creator=trial_dir_name,
-            # No reuse: Tune keeps a stopped trial's process for the next trial, and its
-            # TorchTrainer would keep training (and holding its workers) until then.
-            reuse_actors=False,
+            # A trial that trains in its own process hands it on to the next trial (its imports
+            # done, no process to start): Tune stops the training thread at its report first.
+            # Not so for TorchTrainer trials: a kept process's trainer would go on training,
+            # holding its workers, until the next trial starts.
+            reuse_actors=trains_in_trial(spec),
         ),
         run_config=tune.RunConfig(
             name=path.rstrip("/").rsplit("/", 1)[-1],
