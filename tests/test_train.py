@@ -172,11 +172,21 @@ def test_killed_worker_is_recovered_from_last_checkpoint(
     assert json.loads((Path(result.checkpoint) / "orch_checkpoint.json").read_text())["step"] == 24
 
 
+@pytest.fixture(scope="module")
+def cnn_run(
+    local_ray: None, shared_data: Path, data_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Any]:
+    """A finished 4-step CNN run, shared by the tests that rerun it or run another model over it
+    (each Train run costs a start-up of Ray Train): its directory's root, and its result."""
+    root = tmp_path_factory.mktemp("cnn-run")
+    return root, run_workload(tiny_cnn(shared_data, data_cache, root, "train.max_steps=4"))
+
+
 @pytest.mark.timeout(600)
 def test_rerun_resumes_instead_of_starting_over(
-    shared_data: Path, data_cache: Path, tmp_path: Path
+    cnn_run: tuple[Path, Any], shared_data: Path, data_cache: Path
 ) -> None:
-    first = run_workload(tiny_cnn(shared_data, data_cache, tmp_path, "train.max_steps=4"))
+    tmp_path, first = cnn_run
     assert _steps(first.history) == [2, 4]
     again = run_workload(tiny_cnn(shared_data, data_cache, tmp_path, "train.max_steps=8"))
     assert _steps(again.history) == [6, 8]  # continued from step 4
@@ -210,20 +220,24 @@ def test_interrupted_run_resumes_on_rerun(
 
 @pytest.mark.timeout(600)
 def test_checkpoint_of_another_model_is_refused(
-    shared_data: Path, data_cache: Path, tmp_path: Path
+    cnn_run: tuple[Path, Any], shared_data: Path, data_cache: Path
 ) -> None:
-    first = run_workload(tiny_cnn(shared_data, data_cache, tmp_path, "train.max_steps=2"))
+    tmp_path, first = cnn_run  # the run's own checkpoints, maybe continued by the rerun test
+    run_dir = Path(first.path)
+    saved = {p: p.read_bytes() for p in run_dir.glob("step-*/*") if p.is_file()}
+    assert saved
     other = tiny_cnn(
-        shared_data, data_cache, tmp_path, "model.channels=[8, 16]", "train.max_steps=4"
+        shared_data, data_cache, tmp_path, "model.channels=[8, 16]", "train.max_steps=10"
     )
     with pytest.raises(RunError, match="written for another model"):
         run_workload(other)
-    assert Path(first.checkpoint).is_dir()  # nothing was lost
     zero = tiny_cnn(
-        shared_data, data_cache, tmp_path, "deepspeed.zero_stage=2", "train.max_steps=4"
+        shared_data, data_cache, tmp_path, "deepspeed.zero_stage=2", "train.max_steps=10"
     )
     with pytest.raises(RunError, match=r"plain DDP .* this run uses DeepSpeed ZeRO-2"):
         run_workload(zero)
+    # Nothing was lost or changed.
+    assert {p: p.read_bytes() for p in run_dir.glob("step-*/*") if p.is_file()} == saved
 
 
 def test_missing_custom_model_fails_before_ray(
