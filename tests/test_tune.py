@@ -285,10 +285,13 @@ def test_pbt_restores_trials_from_checkpoints_it_exploits(
         data_cache,
         tmp_path,
         "tune.num_samples=1",
-        "tune.scheduler={kind: pbt, perturbation_interval: 1}",
+        "tune.scheduler={kind: pbt, perturbation_interval: 2}",
         # One trial that cannot learn, one that can: PBT copies the good one's weights.
         "tune.space={train.optimizer.lr: {grid: [1.0e-6, 3.0e-3]}}",
-        "train.max_steps=8",
+        # PBT compares a trial with the others' last reports: the two must train at the same
+        # time, long enough that one starting a few seconds late still overlaps the other;
+        # each exploit restarts a trial, so only every other checkpoint is a chance to.
+        "train.max_steps=16",
         "train.checkpoint_every=2",
     )
     result = run_sweep(spec)
@@ -299,7 +302,11 @@ def test_pbt_restores_trials_from_checkpoints_it_exploits(
         for row in rows
         if row.get("restored_from") not in (None, f"trial_{trial}")  # another trial's
     ]
-    assert exploits, "no trial was restored from a checkpoint of another trial"
+    steps = {
+        t: [(r["step"], r.get("restored_from")) for r in rows]
+        for t, rows in reported(result).items()
+    }
+    assert exploits, f"no trial was restored from a checkpoint of another trial: {steps}"
     trial, first = exploits[0]
     # Training went on from the exploited checkpoint's step, not from step 0.
     assert first["step"] > 2
