@@ -8,6 +8,7 @@ steps everywhere.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -90,7 +91,7 @@ def run_loop(cfg: WorkerConfig, session: Session) -> None:
         step, start_epoch, skip = saved.step, saved.epoch, saved.batches_in_epoch
 
     train_shard = session.dataset("train")
-    eval_shard = _Lazy(lambda: session.dataset("eval"))  # opened at the first evaluation
+    eval_shard = functools.cache(lambda: session.dataset("eval"))  # opened when first used
     # Ray Data's stream takes seconds to start (its coordinator, then read tasks in new worker
     # processes); fetching the first batch now overlaps that with building the model.
     first_epoch = StartedEarly(
@@ -144,7 +145,7 @@ def run_loop(cfg: WorkerConfig, session: Session) -> None:
                     "total_steps": total
                 }
                 if evaluate:
-                    metrics |= _evaluate(eval_shard.get(), task, cfg, engine)
+                    metrics |= _evaluate(eval_shard(), task, cfg, engine)
                 position = (
                     (epoch, consumed) if consumed < _batches_hint(cfg, world) else (epoch + 1, 0)
                 )
@@ -249,18 +250,6 @@ def _loss(output: Any, labels: torch.Tensor, task: str) -> torch.Tensor:
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
     )
-
-
-class _Lazy:
-    """A value made on first use."""
-
-    def __init__(self, make: Any):
-        self._make, self._made, self._value = make, False, None
-
-    def get(self) -> Any:
-        if not self._made:
-            self._value, self._made = self._make(), True
-        return self._value
 
 
 def _evaluate(shard: Any, task: str, cfg: WorkerConfig, engine: Engine) -> dict[str, float]:

@@ -34,6 +34,7 @@ __all__ = [
     "TrainSession",
     "TrialSession",
     "checkpoint_dirs",
+    "filesystem_of",
     "step_dir_name",
 ]
 
@@ -145,10 +146,10 @@ class TrialSession:
     def _prune(self) -> None:
         if self.keep is None:
             return
-        fs, _ = _filesystem(self.run_dir)
+        fs, _ = filesystem_of(self.run_dir)
         for old in checkpoint_dirs(self.run_dir)[: -self.keep]:
             with contextlib.suppress(FileNotFoundError):
-                fs.delete_dir(_filesystem(old)[1])
+                fs.delete_dir(filesystem_of(old)[1])
 
 
 def _trial_device() -> torch.device:
@@ -163,7 +164,7 @@ def persist(directory: str, uri: str) -> None:
     `checkpoint_dirs` passes it over."""
     import pyarrow.fs as pafs
 
-    fs, path = _filesystem(uri)
+    fs, path = filesystem_of(uri)
     files = [
         os.path.relpath(os.path.join(parent, name), directory)
         for parent, _, names in os.walk(directory)
@@ -180,7 +181,7 @@ def checkpoint_dirs(run_dir: str) -> list[str]:
     paths or URIs like `run_dir`."""
     import pyarrow.fs as pafs
 
-    fs, root = _filesystem(run_dir)
+    fs, root = filesystem_of(run_dir)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         return []
     found = sorted(
@@ -196,7 +197,8 @@ def checkpoint_dirs(run_dir: str) -> list[str]:
     ]
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+def filesystem_of(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem of a local path or URI, and the path on it."""
     import pyarrow.fs as pafs
 
     if "://" in uri:

@@ -204,33 +204,20 @@ def resumable_checkpoint(
     Returns the newest checkpoint (URI, step), if any. The workers check again against the
     checkpoint Ray actually hands them.
     """
-    import pyarrow.fs as pafs
+    from orchestrator.train.session import checkpoint_dirs, filesystem_of
 
-    from orchestrator.train.checkpoint import MANIFEST
-
-    fs, root = (
-        pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
-    )
-    run_dir = f"{root.rstrip('/')}/{name}"
-    if fs.get_file_info(run_dir).type != pafs.FileType.Directory:
+    saved_dirs = checkpoint_dirs(f"{storage.rstrip('/')}/{name}")  # those with a manifest
+    if not saved_dirs:
         return None
-    steps = sorted(
-        info.path
-        for info in fs.get_file_info(pafs.FileSelector(run_dir))
-        if info.type == pafs.FileType.Directory and info.base_name.startswith("step-")
-    )
-    for path in reversed(steps):
-        if fs.get_file_info(f"{path}/{MANIFEST}").type != pafs.FileType.File:
-            continue
-        saved = manifest_in(fs, path)
-        zero = spec.deepspeed.zero_stage if spec.deepspeed else None
-        me = Manifest(0, 0, 0, spec.scaling.num_workers, zero, spec.train.precision, model_hash, {})
-        try:
-            saved.check_resumable_by(me, f"checkpoint {path}")
-        except CheckpointMismatch as exc:
-            raise RunError(str(exc)) from None
-        return (f"{storage.rstrip('/')}/{name}/{path.rsplit('/', 1)[-1]}", saved.step)
-    return None
+    newest = saved_dirs[-1]
+    saved = manifest_in(*filesystem_of(newest))
+    zero = spec.deepspeed.zero_stage if spec.deepspeed else None
+    me = Manifest(0, 0, 0, spec.scaling.num_workers, zero, spec.train.precision, model_hash, {})
+    try:
+        saved.check_resumable_by(me, f"checkpoint {newest}")
+    except CheckpointMismatch as exc:
+        raise RunError(str(exc)) from None
+    return newest, saved.step
 
 
 def storage_uri(path: str) -> str:

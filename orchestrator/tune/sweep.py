@@ -21,6 +21,7 @@ import yaml
 
 from orchestrator.errors import RunError, TrainingFailed
 from orchestrator.spec import WorkloadSpec
+from orchestrator.train.session import filesystem_of
 from orchestrator.train.trainer import PreparedRun
 
 if TYPE_CHECKING:
@@ -269,7 +270,7 @@ def _changed_fields(saved: Any, current: Any) -> list[str]:
 def _read(uri: str) -> str | None:
     import pyarrow.fs as pafs
 
-    fs, path = _fs(uri)
+    fs, path = filesystem_of(uri)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
     with fs.open_input_stream(path) as f:
@@ -277,15 +278,7 @@ def _read(uri: str) -> str | None:
 
 
 def _write(uri: str, text: str) -> None:
-    fs, path = _fs(uri)
+    fs, path = filesystem_of(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(text.encode())
-
-
-def _fs(uri: str) -> tuple[Any, str]:
-    import pyarrow.fs as pafs
-
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(uri)

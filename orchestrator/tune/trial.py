@@ -170,15 +170,9 @@ def _final_report(checkpoint: str) -> dict[str, Any] | None:
     """The report a checkpoint was persisted with, if it was the run's last."""
     import json
 
-    import pyarrow.fs as pafs
+    from orchestrator.train.session import REPORT, filesystem_of
 
-    from orchestrator.train.session import REPORT
-
-    fs, path = (
-        pafs.FileSystem.from_uri(checkpoint)
-        if "://" in checkpoint
-        else (pafs.LocalFileSystem(), checkpoint)
-    )
+    fs, path = filesystem_of(checkpoint)
     try:
         with fs.open_input_stream(f"{path}/{REPORT}") as f:
             report: dict[str, Any] = json.loads(f.read())
