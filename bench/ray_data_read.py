@@ -2,9 +2,9 @@
 
 Ray 2.60 reads Parquet through datasource V2 by default, which lists the files in a task of its
 own at every execution (each epoch, each evaluation); V1 plans from the given file list once, in
-the caller. orch keeps V2 for now: V1's read errors do not name the shard that failed (see
-tests/test_data_stream.py::test_corrupt_shard_mid_epoch_fails_with_its_name), and switching needs
-another way to name it. For each, in one run on a fresh local Ray with
+the caller. orch reads through V1 (data/stream.py); as V1's read errors do not name the shard that
+failed, orch finds it after a failed read (stream.unreadable_shard). For each, in one run on a
+fresh local Ray with
 2 CPUs: two actors of a quarter CPU each (two trials at once) each read the prepared MNIST
 train shards and take a first batch (a trial's start); then each takes a first batch again (a
 new epoch); then a third actor alone (a later trial). Seconds to plan the read and to the first

@@ -126,7 +126,11 @@ def _fit(
         try:
             result = trainer.fit()
         except (ray.train.TrainingFailedError, KeyboardInterrupt) as exc:
-            error = explain(exc) if isinstance(exc, ray.train.TrainingFailedError) else exc
+            error = (
+                explain(exc, run.prepared)
+                if isinstance(exc, ray.train.TrainingFailedError)
+                else exc
+            )
             failed = True
         else:
             failed = False

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from orchestrator.data import DataError, check_shards, epoch_batches, open_splits, prepare
-from orchestrator.data.stream import ingest_config, mask_tokens
+from orchestrator.data.stream import ingest_config, mask_tokens, unreadable_shard
+from orchestrator.errors import RunError
 from orchestrator.spec import DataSpec
+from orchestrator.train.trainer import named_read_failure
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
 
@@ -147,11 +149,16 @@ def test_corrupt_shard_mid_epoch_fails_with_its_name(prepared, tmp_path: Path) -
         raw[i] = 0xFF
     path.write_bytes(bytes(raw))
     check_shards(copy)  # the footer still reads fine
+    assert unreadable_shard(prepared) is None  # the intact original reads through
     ds = open_splits(copy, seed=0, shuffle=False)["train"]
     with pytest.raises(Exception) as info:
         for _ in epoch_batches(ds.iterator(), 16, 0, 0, shuffle_buffer=0):
             pass
-    assert path.name in str(info.value)
+    # Ray Data's own error does not say which file; the run's failure does.
+    named = named_read_failure(info.value, copy)
+    assert isinstance(named, RunError)
+    assert str(named).startswith(f"{path}: corrupt Parquet shard: ")
+    assert named_read_failure(RuntimeError("CUDA out of memory"), copy) is None
 
 
 def test_mlm_masking_rates() -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "export_checkpoint",
     "export_final",
     "local_dir",
+    "named_read_failure",
     "prepare_run",
     "resumable_checkpoint",
     "storage_uri",
@@ -230,9 +231,12 @@ def local_dir(path: str) -> str:
     return path
 
 
-def explain(exc: Exception) -> Exception:
-    """User mistakes found on a worker become RunError; anything else is a training failure."""
+def explain(exc: Exception, prepared: PreparedData) -> Exception:
+    """User mistakes found on a worker become RunError, as does a shard that could not be read
+    (named); anything else is a training failure."""
     failures = getattr(exc, "worker_failures", {}) or {}
+    if (bad := named_read_failure(exc, prepared)) is not None:
+        return bad
     for error in failures.values():
         cause = error
         while cause is not None:
@@ -244,6 +248,17 @@ def explain(exc: Exception) -> Exception:
             if kind in text:
                 return RunError(_last_line(text, kind))
     return TrainingFailed(str(exc))
+
+
+def named_read_failure(exc: BaseException, prepared: PreparedData) -> RunError | None:
+    """A failure to read the shards, as RunError naming the shard; None for other failures."""
+    from orchestrator.data.stream import read_failed, unreadable_shard
+
+    failures = getattr(exc, "worker_failures", {}) or {}
+    if not any(read_failed(error) for error in [exc, *failures.values()]):
+        return None
+    bad = unreadable_shard(prepared)
+    return RunError(str(bad)) if bad is not None else None
 
 
 def _last_line(text: str, kind: str) -> str:

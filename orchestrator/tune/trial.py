@@ -148,7 +148,7 @@ def _train_here(
     from orchestrator.data.stream import ingest_options
     from orchestrator.train.loop import run_loop
     from orchestrator.train.session import TrialSession, checkpoint_dirs
-    from orchestrator.train.trainer import export_checkpoint
+    from orchestrator.train.trainer import export_checkpoint, named_read_failure
 
     saved = checkpoint_dirs(run_dir)
     if saved and (last := _final_report(saved[-1])) is not None:
@@ -161,7 +161,12 @@ def _train_here(
     for dataset in datasets.values():
         dataset.context.execution_options = ingest_options()
     session = TrialSession(run_dir, datasets, spec.train.keep_checkpoints, to_tune)
-    run_loop(config, session)
+    try:
+        run_loop(config, session)
+    except Exception as exc:
+        if (bad := named_read_failure(exc, setup.run.prepared)) is not None:
+            raise bad from None
+        raise
     if saved := checkpoint_dirs(run_dir):
         export_checkpoint(ray.train.Checkpoint(saved[-1]), run_dir, config)
 
@@ -223,7 +228,7 @@ def _train_with_trainer(
     try:
         result = trainer.fit() if channel is None else _fit_reporting(trainer, channel, to_tune)
     except ray.train.TrainingFailedError as exc:
-        raise explain(exc) from None
+        raise explain(exc, setup.run.prepared) from None
     export_final(result, config)
 
 
