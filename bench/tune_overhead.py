@@ -9,9 +9,12 @@ Measured in one run on a fresh local Ray (this machine is noisy: compare the rat
    finish faster than the trials' training time divided by C; the ratio of its wall time to
    that is its overhead (1.0: none).
 2. The time to a trial's first report, as the sweep's driver sees it: from the Tuner's start to
-   the first report of each trial that starts with the sweep (C of them), less the training
-   in that first report window. Beside it the same for trials of an empty Tune function (it
-   reports at once) with the same resources, in the same Ray: what Tune itself costs a trial.
+   the first report of each trial that starts with the sweep (C of them), less the steps'
+   compute in that first report window (its waits for data count as start-up). Beside it, in
+   the same Ray and with the same resources, the same for trials of an empty Tune function
+   (it reports at once: what Tune itself costs a trial), and for trials that import torch and
+   take one AdamW step on a one-layer model before they report: the floor of any PyTorch
+   trial (a fresh process imports torch, and torch's first optimizer imports torch._dynamo).
 3. The same for one `orch run` of one trial's workload, alone on the same Ray: a Ray Train run's
    own overhead, for comparison.
 
@@ -98,14 +101,17 @@ def run_sweep_once(spec: WorkloadSpec) -> tuple[float, list[float], list[float]]
         rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
         trained.append(training_seconds(rows))
         if trial in starts[:CONCURRENCY]:
-            first = rows[0]  # less the training in the first report's window
-            window = first["step_time_s"] * first["step"]
+            # Less the steps' compute in the first report's window; its waits for data (the
+            # first batch's among them) are start-up too.
+            first = rows[0]
+            window = (first["step_time_s"] - first["data_wait_s"]) * first["step"]
             startup.append(first_report[trial] - fit_started - window)
     return wall, trained, startup
 
 
-def empty_trials(trials: int, cpu: float) -> list[float]:
-    """The same for Tune function trials that report at once (same resources, same Ray)."""
+def empty_trials(trials: int, cpu: float, torch_step: bool) -> list[float]:
+    """The same for Tune function trials that report at once, or after one torch step (same
+    resources, same Ray)."""
     from ray import tune
 
     starts: list[str] = []
@@ -119,6 +125,13 @@ def empty_trials(trials: int, cpu: float) -> list[float]:
             first_report.setdefault(trial.trial_id, time.monotonic())
 
     def empty(config: dict[str, Any]) -> None:
+        if torch_step:
+            import torch
+
+            model = torch.nn.Linear(8, 1)
+            optimizer = torch.optim.AdamW(model.parameters())
+            model(torch.ones(4, 8)).sum().backward()
+            optimizer.step()
         tune.report({"loss": 0.0})
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -151,8 +164,8 @@ def run_single(spec: WorkloadSpec) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=4)
-    # 800 steps: at least 30 s of training per trial here, so that start-up is not all there is.
-    parser.add_argument("--steps", type=int, default=800)
+    # 3000 steps: at least 30 s of training per trial here, so that start-up is not all there is.
+    parser.add_argument("--steps", type=int, default=3000)
     args = parser.parse_args()
     if not (MNIST / "t10k-images-idx3-ubyte.gz").is_file():
         sys.exit(f"needs the MNIST t10k files in {MNIST}")
@@ -166,7 +179,8 @@ def main() -> None:
             from orchestrator.data import prepare
 
             prepare(spec.data)  # outside both timings: the sweep and the run share it
-            empty = empty_trials(args.trials, trial_cpu(spec))
+            empty = empty_trials(args.trials, trial_cpu(spec), torch_step=False)
+            torch_floor = empty_trials(args.trials, trial_cpu(spec), torch_step=True)
             wall, trained, startup = run_sweep_once(spec)
             single_wall, single_trained = run_single(spec)
         finally:
@@ -188,6 +202,10 @@ def main() -> None:
         "median_empty_trial_time_to_first_report_s": round(statistics.median(empty), 1),
         "first_report_ratio_to_empty_trial": round(
             statistics.median(startup) / statistics.median(empty), 2
+        ),
+        "median_torch_step_trial_time_to_first_report_s": round(statistics.median(torch_floor), 1),
+        "first_report_ratio_to_torch_step_trial": round(
+            statistics.median(startup) / statistics.median(torch_floor), 2
         ),
         "single_run_wall_s": round(single_wall, 1),
         "single_run_training_s": round(single_trained, 2),

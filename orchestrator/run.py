@@ -7,7 +7,6 @@ progress line, and exports the final model. What a run is made of lives in `orch
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import RunError, TrainingFailed
-from orchestrator.models import import_model_library
+from orchestrator.models import import_ahead
 from orchestrator.ray_session import ray_session
 from orchestrator.spec import WorkloadSpec
 from orchestrator.train.config import WorkerConfig
@@ -70,7 +69,7 @@ def run_workload(
     name = name or spec.name
     # The plan check builds the model (on the meta device); importing its library overlaps
     # with starting Ray instead of following it.
-    threading.Thread(target=import_model_library, args=(spec.model.kind,), daemon=True).start()
+    import_ahead(spec.model.kind, training=False)
     with ray_session(address, verbose):
         run = prepare_run(spec, address=address, verbose=verbose, log=log)
         tracker = None

@@ -21,7 +21,7 @@ from orchestrator.run import RunError
 from orchestrator.spec import Domain, WorkloadSpec
 from orchestrator.tune import SweepResult, run_sweep
 from orchestrator.tune.space import param_space, pbt_mutations
-from orchestrator.tune.trial import SampleError, resolve
+from orchestrator.tune.trial import SampleError, TrialSetup, resolve
 
 TESTS = Path(__file__).resolve().parent
 
@@ -126,6 +126,30 @@ def test_bad_sweep_exits_2_with_file_field_and_fix(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- real sweeps
 # Each trial is a whole Ray Train run (about 20 s of start-up on two cores), so one sweep is
 # looked at from several sides rather than run once per test.
+
+
+@pytest.mark.integration
+def test_trials_share_the_planned_splits_unless_they_sample_their_own_order(
+    local_ray: None, shared_data: Path, data_cache: Path, tmp_path: Path
+) -> None:
+    """The sweep plans the Parquet reads once; a trial with another seed plans its own."""
+    from orchestrator.data import open_splits
+    from orchestrator.train.trainer import prepare_run
+
+    spec = tiny_sweep(shared_data, data_cache, tmp_path, "data.shard_rows=1000")
+    run = prepare_run(spec, address=None, verbose=False, log=lambda _: None)
+    planned = open_splits(run.prepared, seed=spec.train.seed)
+    setup = TrialSetup(spec=spec, run=run, sweep_path=str(tmp_path), janitor=None, datasets=planned)
+    assert setup.splits_for(spec.sampled({"train.optimizer.lr": 0.01})) is planned
+    reseeded = spec.sampled({"train.seed": spec.train.seed + 1})
+    own = setup.splits_for(reseeded)
+
+    def order(splits: dict[str, Any]) -> list[int]:
+        rows = splits["train"].select_columns(["sample_id"]).iter_rows()
+        return [row["sample_id"] for row in rows]
+
+    assert order(own) == order(open_splits(run.prepared, seed=reseeded.train.seed))
+    assert order(own) != order(planned)
 
 
 @pytest.fixture(scope="module")
@@ -285,13 +309,14 @@ def test_pbt_restores_trials_from_checkpoints_it_exploits(
         data_cache,
         tmp_path,
         "tune.num_samples=1",
-        "tune.scheduler={kind: pbt, perturbation_interval: 2}",
+        "tune.scheduler={kind: pbt, perturbation_interval: 4}",
         # One trial that cannot learn, one that can: PBT copies the good one's weights.
         "tune.space={train.optimizer.lr: {grid: [1.0e-6, 3.0e-3]}}",
         # PBT compares a trial with the others' last reports: the two must train at the same
-        # time, long enough that one starting a few seconds late still overlaps the other;
-        # each exploit restarts a trial, so only every other checkpoint is a chance to.
-        "train.max_steps=16",
+        # time, long enough that one starting a few seconds late still overlaps the other
+        # (a step of this CNN takes about 15 ms); each exploit restarts a trial, so only every
+        # fourth checkpoint is a chance to.
+        "train.max_steps=48",
         "train.checkpoint_every=2",
     )
     result = run_sweep(spec)

@@ -27,7 +27,7 @@ from orchestrator.data.stream import (
     eval_batches,
     mask_tokens,
 )
-from orchestrator.models import build_model, task_of
+from orchestrator.models import build_model, import_ahead, task_of
 from orchestrator.spec import TrainSpec
 from orchestrator.train.checkpoint import (
     Manifest,
@@ -58,6 +58,7 @@ def total_steps(train_rows: int, train: TrainSpec, world: int) -> int:
 
 def train_loop(raw_config: dict[str, Any]) -> None:
     """The Ray Train worker's entry point (TorchTrainer's `train_loop_per_worker`)."""
+    import_ahead(raw_config["model"]["kind"], training=True)
     run_loop(WorkerConfig.model_validate(raw_config), TrainSession())
 
 

@@ -73,7 +73,13 @@ def run_sweep(
         if parent is not None:
             log(f"tracking: MLflow run {parent.run_id} (one nested run per trial)")
         observer = SweepObserver(spec, name, parent, data_hash, local, log)
-        setup = TrialSetup(spec=spec, run=run, sweep_path=path, janitor=None)
+        datasets = None
+        if trains_in_trial(spec):
+            from orchestrator.data import open_splits
+
+            shuffle = spec.data.shuffle_buffer > 0
+            datasets = open_splits(run.prepared, seed=spec.train.seed, shuffle=shuffle)
+        setup = TrialSetup(spec=spec, run=run, sweep_path=path, janitor=None, datasets=datasets)
         log(
             f"{'resuming' if restoring else 'starting'} sweep {name}: {concurrency} trial(s) "
             f"at a time, in {path}"

@@ -56,6 +56,24 @@ class TrialSetup:
     run: PreparedRun
     sweep_path: str  # the Tune experiment directory (local path or URI)
     janitor: Any  # a PlacementGroupJanitor (janitor.py) for trials that start a TorchTrainer
+    # The splits as `open_splits` plans them for the workload's seed, for trials that train in
+    # their own process: planning a Parquet read samples the files in a Ray task, which every
+    # trial would otherwise wait for.
+    datasets: dict[str, Any] | None = None
+
+    def splits_for(self, spec: WorkloadSpec) -> dict[str, Any]:
+        """The trial's splits: the planned ones, unless the trial samples its own data order."""
+        from orchestrator.data import open_splits
+
+        shuffle = spec.data.shuffle_buffer > 0
+        base = self.spec
+        if (
+            self.datasets is not None
+            and spec.train.seed == base.train.seed
+            and shuffle == (base.data.shuffle_buffer > 0)
+        ):
+            return self.datasets
+        return open_splits(self.run.prepared, seed=spec.train.seed, shuffle=shuffle)
 
 
 def trains_in_trial(spec: WorkloadSpec) -> bool:
@@ -144,20 +162,19 @@ def _train_here(
     """Train in this process; export the final model beside the checkpoints."""
     import ray.train
 
-    from orchestrator.data import open_splits
     from orchestrator.data.stream import ingest_options
+    from orchestrator.models import import_ahead
     from orchestrator.train.loop import run_loop
     from orchestrator.train.session import TrialSession, checkpoint_dirs
     from orchestrator.train.trainer import export_checkpoint, named_read_failure
 
+    import_ahead(spec.model.kind, training=True)
     saved = checkpoint_dirs(run_dir)
     if saved and (last := _final_report(saved[-1])) is not None:
         # The run ended while the sweep was being stopped, before Tune heard of its end.
         to_tune(last, saved[-1])
         return
-    datasets = open_splits(
-        setup.run.prepared, seed=spec.train.seed, shuffle=spec.data.shuffle_buffer > 0
-    )
+    datasets = setup.splits_for(spec)
     for dataset in datasets.values():
         dataset.context.execution_options = ingest_options()
     session = TrialSession(run_dir, datasets, spec.train.keep_checkpoints, to_tune)
