@@ -10,8 +10,9 @@ Measured side by side in one run (this machine is noisy: compare the ratios):
 3. Start-up: wall time from launching `orch run` to its first reported training step, with the
    prepared data already cached (the usual case) and from a cold cache; next to it, Ray's own
    floor: launching a bare script whose TorchTrainer (same 2 workers) runs an empty loop, and
-   one whose loop takes a first batch of the same shards through Ray Data. The cached case
-   and that floor are measured `--repeats` times, interleaved (medians), beside `orch run`
+   one whose loop takes a first batch of the same shards through Ray Data, read with Ray's
+   default Parquet datasource (V2) and with the one orch reads through (V1). The cached case
+   and those floors are measured `--repeats` times, interleaved (medians), beside `orch run`
    with Ray Train's own defaults for the settings orch changes (`RAY_DEFAULTS`).
 
 Run from the repository root: `python bench/train_overhead.py [--steps N] [--startup-only]`.
@@ -197,14 +198,15 @@ def time_to_first_step(tmp: Path, cold: bool, env: dict[str, str] | None = None)
         cwd=tmp,
         env=os.environ | (env or {}),
     )
-    first = None
+    first, lines = None, []
     assert proc.stdout is not None
     for line in proc.stdout:
+        lines.append(line)
         if first is None and re.match(r"step 1/", line.strip()):
             first = time.monotonic() - started
     proc.wait()
     if first is None:
-        raise RuntimeError("orch run reported no step")
+        raise RuntimeError("orch run reported no step:\n" + "".join(lines[-30:]))
     return first
 
 
@@ -244,6 +246,7 @@ def loop(config):
         f.write(str(time.time()))
 
 
+ray.data.DataContext.get_current().use_datasource_v2 = sys.argv[4] == "v2"
 train = ray.data.read_parquet(sys.argv[3])
 TorchTrainer(loop, train_loop_config={"out": sys.argv[1]},
              scaling_config=ray.train.ScalingConfig(num_workers=2,
@@ -254,15 +257,16 @@ ray.shutdown()
 """
 
 
-def ray_floor(tmp: Path, shards: str | None = None) -> float:
+def ray_floor(tmp: Path, shards: str | None = None, datasource: str = "v2") -> float:
     """Seconds from launching a bare Ray Train script to its loop starting on a worker.
 
     With `shards`, the loop first takes one batch of those Parquet files through Ray Data, as
-    orch's does: Ray's own floor for a first step on streamed data.
+    orch's does: Ray's own floor for a first step on streamed data, read through Ray 2.60's
+    default Parquet datasource (`datasource` "v2") or the one orch uses ("v1").
     """
     out = tmp / "floor.txt"
     out.unlink(missing_ok=True)
-    script, args = (RAY_DATA_FLOOR, [shards]) if shards else (RAY_FLOOR, [])
+    script, args = (RAY_DATA_FLOOR, [shards, datasource]) if shards else (RAY_FLOOR, [])
     started = time.time()
     subprocess.run(
         [sys.executable, "-c", script, str(out), str(tmp / "floor-runs"), *args],
@@ -294,16 +298,24 @@ def main() -> None:
         prepared = next((tmp / "cache").iterdir())
         if not args.startup_only:
             baseline = run_baseline(str(prepared), spec, args.steps, tmp)
-        warm = cold = floor = data_floor = defaults = nan
+        warm = cold = floor = data_floor = data_floor_v1 = defaults = nan
         if not args.skip_startup:
             # Interleaved, the median of each: the machine's speed drifts within a run.
-            runs: dict[str, list[float]] = {"warm": [], "defaults": [], "data_floor": []}
+            runs: dict[str, list[float]] = {
+                "warm": [],
+                "defaults": [],
+                "data_floor": [],
+                "data_floor_v1": [],
+            }
+            shards = str(prepared / "train")
             for _ in range(args.repeats):
-                runs["data_floor"].append(ray_floor(tmp, shards=str(prepared / "train")))
+                runs["data_floor"].append(ray_floor(tmp, shards=shards))
                 runs["warm"].append(time_to_first_step(tmp, cold=False))
+                runs["data_floor_v1"].append(ray_floor(tmp, shards=shards, datasource="v1"))
                 runs["defaults"].append(time_to_first_step(tmp, cold=False, env=RAY_DEFAULTS))
-            warm, defaults, data_floor = (
-                statistics.median(runs[k]) for k in ("warm", "defaults", "data_floor")
+            warm, defaults, data_floor, data_floor_v1 = (
+                statistics.median(runs[k])
+                for k in ("warm", "defaults", "data_floor", "data_floor_v1")
             )
             cold = time_to_first_step(tmp, cold=True)
             floor = ray_floor(tmp)
@@ -327,6 +339,8 @@ def main() -> None:
         "ray_train_with_data_floor_s": round(data_floor, 1),
         "first_step_s_above_ray_data_floor": round(warm - data_floor, 1),
         "first_step_ratio_to_ray_data_floor": round(warm / data_floor, 2),
+        "ray_train_with_data_floor_v1_datasource_s": round(data_floor_v1, 1),
+        "first_step_ratio_to_ray_data_floor_v1_datasource": round(warm / data_floor_v1, 2),
         "startup_repeats": args.repeats,
     }
     # Only what this run measured; start-up alone goes to a file of its own.

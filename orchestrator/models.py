@@ -134,7 +134,20 @@ def import_ahead(kind: str, *, training: bool) -> None:
             with contextlib.suppress(Exception):  # left for the optimizer to fail on, if it does
                 importlib.import_module("torch._dynamo")
 
-    threading.Thread(target=run, name="orch-import-ahead", daemon=True).start()
+    thread = threading.Thread(target=run, name="orch-import-ahead", daemon=True)
+    thread.start()
+    _AHEAD.append(thread)
+
+
+# Imports started ahead and not yet waited for. `build_model` waits for them rather than import
+# the same library beside them: transformers' lazily filled module fails a concurrent
+# `from transformers import BertConfig` while another thread is still filling it.
+_AHEAD: list[threading.Thread] = []
+
+
+def _wait_for_imports_ahead() -> None:
+    while _AHEAD:
+        _AHEAD.pop().join()
 
 
 def import_model_library(kind: str) -> None:
@@ -156,6 +169,7 @@ def import_model_library(kind: str) -> None:
 
 def build_model(spec: ModelSpec | Mapping[str, Any], data: DataInfo) -> nn.Module:
     """Build the model a (validated, or plain-dict) model spec describes."""
+    _wait_for_imports_ahead()
     section = _section(spec)
     return MODEL_KINDS[section.kind].build(section, data)
 

@@ -141,3 +141,28 @@ def test_model_and_data_must_agree_on_inputs(
         WorkloadSpec.model_validate(raw)
     custom = {"kind": "custom", "build": "m:f"}
     WorkloadSpec.model_validate(raw | {"model": custom})  # orch cannot know; prepare will tell
+
+
+IMPORT_AHEAD_THEN_BUILD = """
+import time
+from orchestrator.models import DataInfo, build_model, import_ahead
+
+import_ahead("bert_mlm", training=True)
+time.sleep(0.2)  # the import thread is inside transformers now
+spec = {"kind": "bert_mlm", "hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_seq_len": 16}
+print(type(build_model(spec, DataInfo(vocab_size=100))).__name__)
+"""
+
+
+def test_a_model_builds_while_its_library_is_imported_ahead() -> None:
+    """transformers fails `from transformers import BertConfig` while another thread is still
+    importing it; building waits for the import started ahead instead (a fresh process, so
+    nothing is imported yet)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_AHEAD_THEN_BUILD], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "BertForMaskedLM"
