@@ -22,6 +22,7 @@ from orchestrator.train.loop import total_steps
 from orchestrator.train.trainer import (
     PreparedRun,
     build_trainer,
+    check_inputs,
     explain,
     export_checkpoint,
     export_final,
@@ -69,6 +70,7 @@ def run_workload(
     name = name or spec.name
     # The plan check builds the model (on the meta device); importing its library overlaps
     # with starting Ray instead of following it.
+    check_inputs(spec)
     import_ahead(spec.model.kind, training=False)
     with ray_session(address, verbose):
         run = prepare_run(spec, address=address, verbose=verbose, log=log)

@@ -336,3 +336,31 @@ def test_existing_tokenizer_file(shared_data: Path, tmp_path: Path) -> None:
     tokenizer.write_text("{not json")
     with pytest.raises(DataError, match=r"tokenizer\.json: cannot load tokenizer"):
         prepare(spec)
+
+
+@pytest.mark.parametrize("command", ["run", "tune"])
+def test_a_missing_source_is_refused_before_ray_starts(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starting Ray takes seconds; a path typo is found without it."""
+    from typer.testing import CliRunner
+
+    import orchestrator.ray_session
+    import orchestrator.run
+    from orchestrator.cli import app
+
+    def no_ray(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Ray was started for a workload whose data is missing")
+
+    # Where `orch run` and `orch tune` take their Ray session from.
+    monkeypatch.setattr(orchestrator.run, "ray_session", no_ray)
+    monkeypatch.setattr(orchestrator.ray_session, "ray_session", no_ray)
+    tune = "tune: {space: {train.optimizer.lr: {grid: [0.1]}}}\n" if command == "tune" else ""
+    missing = tmp_path / "no-such-dir" / "missing.txt"
+    (tmp_path / "w.yaml").write_text(
+        f"name: t\nmodel: {{kind: bert_mlm}}\ndata: {{train: {missing}}}\n" + tune
+    )
+    result = CliRunner().invoke(app, [command, str(tmp_path / "w.yaml"), "--no-tracking"])
+    assert result.exit_code == 2, result.output
+    assert "missing.txt: no such file or directory" in result.output
+    assert "Traceback" not in result.output

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PreparedRun",
     "build_trainer",
+    "check_inputs",
     "explain",
     "export_checkpoint",
     "export_final",
@@ -49,6 +50,24 @@ class PreparedRun:
     info: DataInfo  # what the model takes from the data: vocabulary, classes, channels
 
 
+def check_inputs(spec: WorkloadSpec) -> None:
+    """Refuse, as RunError, a data source that is not there or a custom model that does not
+    import: before Ray starts (seconds), not after."""
+    from orchestrator.data import DataError
+    from orchestrator.data.sources import find_source
+
+    try:
+        if spec.model.kind == "custom":
+            resolve_custom(spec.model.build)
+        for source in (spec.data.train, spec.data.eval):
+            if source is not None:
+                find_source(source)
+    except DataError as exc:
+        raise RunError(f"data: {exc}") from None
+    except ModelError as exc:
+        raise RunError(str(exc)) from None
+
+
 def prepare_run(
     spec: WorkloadSpec,
     *,
@@ -58,20 +77,17 @@ def prepare_run(
 ) -> PreparedRun:
     """Prepare the data (or find it cached) and refuse, as RunError, what no run could train.
 
-    Needs a Ray session. Checks against this machine's resources only when `address` is None:
-    a cluster's fit is judged by `orch submit`, before the job exists.
+    Needs a Ray session, started after `check_inputs`. Checks against this machine's resources
+    only when `address` is None: a cluster's fit is judged by `orch submit`, before the job
+    exists.
     """
     from orchestrator.data import DataError, prepare
     from orchestrator.plan import PlanError, check_here
 
     try:
-        if spec.model.kind == "custom":
-            resolve_custom(spec.model.build)
         prepared = prepare(spec.data, log=log, ray_address=address, verbose=verbose)
     except DataError as exc:
         raise RunError(f"data: {exc}") from None
-    except ModelError as exc:
-        raise RunError(str(exc)) from None
     dataset = DatasetFacts.from_manifest(prepared.manifest)
     run = PreparedRun(prepared, dataset, _data_info(spec, dataset))
     try:

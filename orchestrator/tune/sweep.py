@@ -55,12 +55,13 @@ def run_sweep(
     exists (what `orch run` does, as it does for runs).
     """
     from orchestrator.ray_session import ray_session
-    from orchestrator.train.trainer import local_dir, storage_uri
+    from orchestrator.train.trainer import check_inputs, local_dir, storage_uri
 
     if spec.tune is None:
         raise RunError("the workload has no tune section; use orch run")
     started = time.monotonic()
     name = name or spec.name
+    check_inputs(spec)
     with ray_session(address, verbose):
         run = _prepare_and_check(spec, address, verbose, log)
         concurrency = _concurrency(spec, on_this_machine=address is None)
