@@ -68,9 +68,9 @@ def run_workload(
     """
     started = time.monotonic()
     name = name or spec.name
+    check_inputs(spec)
     # The plan check builds the model (on the meta device); importing its library overlaps
     # with starting Ray instead of following it.
-    check_inputs(spec)
     import_ahead(spec.model.kind, training=False)
     with ray_session(address, verbose):
         run = prepare_run(spec, address=address, verbose=verbose, log=log)

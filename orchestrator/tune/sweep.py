@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from orchestrator.tracking import Tracker
 from orchestrator.tune.observe import SweepObserver, register, unregister
 from orchestrator.tune.results import SweepResult, finish, row
-from orchestrator.tune.trial import TrialSetup, trains_in_trial, trial_resources
+from orchestrator.tune.trial import TrialSetup, plan_splits, trains_in_trial, trial_resources
 
 __all__ = ["SweepInterrupted", "run_sweep"]
 
@@ -74,12 +74,7 @@ def run_sweep(
         if parent is not None:
             log(f"tracking: MLflow run {parent.run_id} (one nested run per trial)")
         observer = SweepObserver(spec, name, parent, data_hash, local, log)
-        datasets = None
-        if trains_in_trial(spec):
-            from orchestrator.data import open_splits
-
-            shuffle = spec.data.shuffle_buffer > 0
-            datasets = open_splits(run.prepared, seed=spec.train.seed, shuffle=shuffle)
+        datasets = plan_splits(spec, run) if trains_in_trial(spec) else None
         setup = TrialSetup(spec=spec, run=run, sweep_path=path, janitor=None, datasets=datasets)
         log(
             f"{'resuming' if restoring else 'starting'} sweep {name}: {concurrency} trial(s) "

@@ -35,6 +35,7 @@ from orchestrator.train.trainer import PreparedRun
 __all__ = [
     "SampleError",
     "TrialSetup",
+    "plan_splits",
     "run_trial",
     "trains_in_trial",
     "trial_dir_name",
@@ -63,17 +64,21 @@ class TrialSetup:
 
     def splits_for(self, spec: WorkloadSpec) -> dict[str, Any]:
         """The trial's splits: the planned ones, unless the trial samples its own data order."""
-        from orchestrator.data import open_splits
-
-        shuffle = spec.data.shuffle_buffer > 0
-        base = self.spec
-        if (
-            self.datasets is not None
-            and spec.train.seed == base.train.seed
-            and shuffle == (base.data.shuffle_buffer > 0)
-        ):
+        if self.datasets is not None and _data_order(spec) == _data_order(self.spec):
             return self.datasets
-        return open_splits(self.run.prepared, seed=spec.train.seed, shuffle=shuffle)
+        return plan_splits(spec, self.run)
+
+
+def plan_splits(spec: WorkloadSpec, run: PreparedRun) -> dict[str, Any]:
+    """The workload's splits, in the data order it asks for."""
+    from orchestrator.data import open_splits
+
+    seed, shuffle = _data_order(spec)
+    return open_splits(run.prepared, seed=seed, shuffle=shuffle)
+
+
+def _data_order(spec: WorkloadSpec) -> tuple[int, bool]:
+    return spec.train.seed, spec.data.shuffle_buffer > 0
 
 
 def trains_in_trial(spec: WorkloadSpec) -> bool:
