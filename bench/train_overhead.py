@@ -79,7 +79,7 @@ def run_orch(spec: WorkloadSpec, name: str) -> dict:
     """Run orch in-process on a fresh local Ray; return its reports."""
     import ray
 
-    from orchestrator.run import run_workload
+    from orchestrator.driver import run_workload
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:

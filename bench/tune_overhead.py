@@ -76,7 +76,7 @@ def training_seconds(reports: list[dict[str, Any]]) -> float:
 def run_sweep_once(spec: WorkloadSpec) -> tuple[float, list[float], list[float]]:
     """The sweep's wall time, each trial's training time, and the time to the first report of
     each trial of the first wave (those that start with the sweep) less its training."""
-    from orchestrator.tune import run_sweep
+    from orchestrator.sweeps import run_sweep
 
     fit_started = 0.0
     starts: list[str] = []  # trial ids in the order they started
@@ -147,13 +147,13 @@ def empty_trials(trials: int, cpu: float, torch_step: bool) -> list[float]:
 
 
 def trial_cpu(spec: WorkloadSpec) -> float:
-    from orchestrator.tune.trial import trial_resources
+    from orchestrator.sweeps.trial import trial_resources
 
     return trial_resources(spec)["CPU"]
 
 
 def run_single(spec: WorkloadSpec) -> tuple[float, float]:
-    from orchestrator.run import run_workload
+    from orchestrator.driver import run_workload
 
     one = spec.sampled({"name": "bench-single"})
     started = time.monotonic()

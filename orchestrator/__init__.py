@@ -1,7 +1,33 @@
-"""orch: a distributed training orchestrator on Ray."""
+"""orch: a distributed training orchestrator on Ray.
+
+The Python API mirrors the `orch` command line, one function per command (orchestrator.api):
+
+    import orchestrator as orch
+
+    orch.smoke("workloads/bert_pretrain.yaml")  # orch run workloads/bert_pretrain.yaml --smoke
+    result = orch.run("workloads/local/bert_tiny.yaml", ["train.max_steps=20"])
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 
+from orchestrator.api import (
+    JobLogs,
+    Workload,
+    list_jobs,
+    logs,
+    prepare,
+    run,
+    runs,
+    schema,
+    smoke,
+    status,
+    stop,
+    submit,
+    tune,
+    upload_runs,
+    validate,
+)
+from orchestrator.errors import RunError, TrainingFailed
 from orchestrator.load import Problem, SpecError, load_workload
 from orchestrator.spec import WorkloadSpec, workload_schema
 
@@ -11,10 +37,27 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0"
 
 __all__ = [
+    "JobLogs",
     "Problem",
+    "RunError",
     "SpecError",
+    "TrainingFailed",
+    "Workload",
     "WorkloadSpec",
     "__version__",
+    "list_jobs",
     "load_workload",
+    "logs",
+    "prepare",
+    "run",
+    "runs",
+    "schema",
+    "smoke",
+    "status",
+    "stop",
+    "submit",
+    "tune",
+    "upload_runs",
+    "validate",
     "workload_schema",
 ]

@@ -45,16 +45,9 @@ def _mlflow_store_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
 
 
 @pytest.fixture(scope="session")
-def local_ray() -> Iterator[None]:
-    """One real local Ray for the session (2 CPUs, like the CI machine), always shut down."""
-    import ray
-
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    try:
-        yield
-    finally:
-        ray.shutdown()
+def local_ray(orch_ray: None) -> None:
+    """One real local Ray for the session: orch's own pytest plugin's (`orch_ray`, 2 CPUs by
+    pyproject.toml, like the CI machine), always shut down."""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -345,15 +345,15 @@ def test_a_missing_source_is_refused_before_ray_starts(
     """Starting Ray takes seconds; a path typo is found without it."""
     from typer.testing import CliRunner
 
+    import orchestrator.driver
     import orchestrator.ray_session
-    import orchestrator.run
     from orchestrator.cli import app
 
     def no_ray(*args: object, **kwargs: object) -> None:
         raise AssertionError("Ray was started for a workload whose data is missing")
 
     # Where `orch run` and `orch tune` take their Ray session from.
-    monkeypatch.setattr(orchestrator.run, "ray_session", no_ray)
+    monkeypatch.setattr(orchestrator.driver, "ray_session", no_ray)
     monkeypatch.setattr(orchestrator.ray_session, "ray_session", no_ray)
     tune = "tune: {space: {train.optimizer.lr: {grid: [0.1]}}}\n" if command == "tune" else ""
     missing = tmp_path / "no-such-dir" / "missing.txt"

@@ -8,8 +8,8 @@ import pytest
 import torch
 from builders import tiny_bert
 
+from orchestrator.driver import run_workload
 from orchestrator.models import load_exported
-from orchestrator.run import run_workload
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
 

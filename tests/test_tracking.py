@@ -15,7 +15,7 @@ from servers import MlflowServer
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from orchestrator.run import RunError, run_workload
+from orchestrator.driver import RunError, run_workload
 from orchestrator.tracking import promotion
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]

@@ -15,8 +15,8 @@ import pytest
 import torch
 from builders import tiny_bert, tiny_cnn
 
+from orchestrator.driver import RunError, TrainingFailed, run_workload
 from orchestrator.models import load_exported
-from orchestrator.run import RunError, TrainingFailed, run_workload
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
+from orchestrator.sweeps.trial import _final_report
 from orchestrator.train.checkpoint import MANIFEST
 from orchestrator.train.session import REPORT, TrialSession, checkpoint_dirs
-from orchestrator.tune.trial import _final_report
 
 
 def _checkpoint(tmp: Path, step: int) -> str:

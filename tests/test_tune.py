@@ -16,12 +16,12 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.data import prepare
+from orchestrator.driver import RunError
 from orchestrator.load import load_workload
-from orchestrator.run import RunError
 from orchestrator.spec import Domain, WorkloadSpec
-from orchestrator.tune import SweepResult, run_sweep
-from orchestrator.tune.space import param_space, pbt_mutations
-from orchestrator.tune.trial import SampleError, TrialSetup, resolve
+from orchestrator.sweeps import SweepResult, run_sweep
+from orchestrator.sweeps.space import param_space, pbt_mutations
+from orchestrator.sweeps.trial import SampleError, TrialSetup, resolve
 
 TESTS = Path(__file__).resolve().parent
 

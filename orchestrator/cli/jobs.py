@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from orchestrator import api
 from orchestrator.cli.errors import TRAINING_FAILED, exit_on_error, fail
 from orchestrator.cli.options import (
     ClusterAddressOption,
@@ -22,7 +23,7 @@ from orchestrator.cli.output import table
 from orchestrator.cli.workloads import load_spec, run
 
 if TYPE_CHECKING:
-    from orchestrator.jobs import Cluster
+    pass
 
 __all__ = ["job_run", "list_jobs", "logs", "status", "stop", "submit"]
 
@@ -54,11 +55,9 @@ def submit(
     no_tracking: NoTrackingOption = False,
 ) -> None:
     """Run a workload on a Ray cluster as a Ray job (validated and fit-checked here first)."""
-    from orchestrator.jobs import submit as submit_job
-
     spec = load_spec(file, overrides)
     with exit_on_error(file):
-        job = submit_job(
+        job = api.submit(
             spec,
             address=address,
             name=name,
@@ -76,16 +75,13 @@ def submit(
     if not follow:
         typer.echo(f"  follow with: orch logs {job.job_id} --follow --address {job.cluster.url}")
         return
-    _follow(job.cluster, job.job_id)
+    _follow(job.cluster.url, job.job_id)
 
 
 def status(job_id: JobArgument, address: ClusterAddressOption = None) -> None:
     """A job's status, and why it waits when it cannot run yet."""
-    from orchestrator.jobs import job_status
-
-    cluster = _cluster(address)
     with exit_on_error():
-        state = job_status(cluster, job_id)
+        state = api.status(job_id, address=address)
     typer.echo(f"{state.job_id}: {state.status}")
     typer.echo(f"  workload: {state.workload} (run {state.run})")
     if state.waiting:
@@ -100,7 +96,7 @@ def status(job_id: JobArgument, address: ClusterAddressOption = None) -> None:
         )
     if state.mlflow_run_id:
         typer.echo(f"  MLflow run: {state.mlflow_run_id}")
-    typer.echo(f"  dashboard: {cluster.job_url(job_id)}")
+    typer.echo(f"  dashboard: {state.dashboard}")
 
 
 def logs(
@@ -108,15 +104,11 @@ def logs(
 ) -> None:
     """A job's output (orch's progress lines); --follow streams it and exits with the job's
     outcome: 0 succeeded, 1 failed or stopped."""
-    from orchestrator.jobs import job_status
-
-    cluster = _cluster(address)
     if follow:
-        _follow(cluster, job_id)
+        _follow(address, job_id)
         return
     with exit_on_error():
-        state = job_status(cluster, job_id)
-    text = cluster.jobs.get_job_logs(job_id)
+        state, text = api.logs(job_id, address=address)
     typer.echo(text, nl=bool(text) and not text.endswith("\n"))
     if state.waiting:
         typer.secho(f"[orch] {state.waiting}", fg="yellow", err=True)
@@ -124,21 +116,15 @@ def logs(
 
 def stop(job_id: JobArgument, address: ClusterAddressOption = None) -> None:
     """Stop a running job; its checkpoints stay, and submitting the run again resumes it."""
-    from orchestrator.jobs import stop_job
-
-    cluster = _cluster(address)
     with exit_on_error():
-        state = stop_job(cluster, job_id)
+        state = api.stop(job_id, address=address)
     typer.echo(f"{job_id}: {state.status}")
 
 
 def list_jobs(address: ClusterAddressOption = None) -> None:
     """The cluster's jobs, newest first: id, workload, status, start, duration."""
-    from orchestrator.jobs import list_jobs as cluster_jobs
-
-    cluster = _cluster(address)
     with exit_on_error():
-        rows = cluster_jobs(cluster)
+        rows = api.list_jobs(address=address)
     table(rows, empty="no jobs")
 
 
@@ -169,24 +155,16 @@ def job_run(
         )
 
 
-def _cluster(address: str | None) -> Cluster:
-    from orchestrator.jobs import connect
-
-    with exit_on_error():
-        return connect(address, None, allow_insecure=True)  # reading is not submitting
-
-
-def _follow(cluster: Cluster, job_id: str) -> None:
+def _follow(address: str | None, job_id: str) -> None:
     """Stream a job's logs; exit 0 if it succeeds, 1 if it fails or stops."""
-    from orchestrator.jobs import follow_logs
-
     try:
         with exit_on_error():
-            state = follow_logs(
-                cluster,
+            state, _ = api.logs(
                 job_id,
-                lambda chunk: typer.echo(chunk, nl=False),
-                lambda reason: typer.secho(f"[orch] {reason}", fg="yellow", err=True),
+                address=address,
+                follow=True,
+                on_output=lambda chunk: typer.echo(chunk, nl=False),
+                on_notice=lambda reason: typer.secho(f"[orch] {reason}", fg="yellow", err=True),
             )
     except KeyboardInterrupt:
         typer.echo(f"\nstopped following; {job_id} keeps running (orch stop {job_id} stops it)")

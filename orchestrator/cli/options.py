@@ -15,6 +15,9 @@ __all__ = [
     "RayAddressOption",
     "RunNameOption",
     "SetOption",
+    "SmokeDirOption",
+    "SmokeOption",
+    "TrackOption",
     "VerboseOption",
     "WorkloadArgument",
 ]
@@ -53,4 +56,24 @@ ClusterAddressOption = Annotated[
 JobArgument = Annotated[str, typer.Argument(help="Job id, as printed by orch submit.")]
 FollowOption = Annotated[
     bool, typer.Option("--follow", "-f", help="Stream the job's logs until it ends.")
+]
+
+# Smoke runs: any workload, shrunk to this machine (orchestrator.smoketest).
+SmokeOption = Annotated[
+    bool,
+    typer.Option(
+        "--smoke",
+        help="Shrink the workload to this machine and run it through every stage in a few "
+        "steps: data, training, evaluation, a checkpoint, a resume, the export.",
+    ),
+]
+SmokeDirOption = Annotated[
+    Path | None,
+    typer.Option(help="Where a smoke run keeps its runs, data and MLflow (default .orch/smoke)."),
+]
+TrackOption = Annotated[
+    bool,
+    typer.Option(
+        "--track", help="With --smoke: record the smoke run in an MLflow store in --smoke-dir."
+    ),
 ]

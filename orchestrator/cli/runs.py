@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from orchestrator import api
 from orchestrator.cli.errors import exit_on_error, fail
 from orchestrator.cli.output import table
 
@@ -25,10 +26,8 @@ def runs(
     """A table of recent runs: id, workload, status, key metrics, duration."""
     if ctx.invoked_subcommand is not None:
         return
-    from orchestrator.tracking import recent_runs
-
     with exit_on_error():
-        rows = recent_runs(tracking_uri, experiment, limit)
+        rows = api.runs(tracking_uri=tracking_uri, experiment=experiment, limit=limit)
     table(rows, empty="no runs")
 
 
@@ -36,10 +35,8 @@ def runs_upload(
     file: Annotated[Path, typer.Argument(help="A run's mlflow_pending.jsonl.")],
 ) -> None:
     """Send the reports a run kept while its MLflow server was down."""
-    from orchestrator.tracking import upload_pending
-
     if not file.is_file():
         fail(f"error: {file}: no such file")
     with exit_on_error(file):
-        sent = upload_pending(file)
+        sent = api.upload_runs(file)
     typer.echo(f"uploaded {sent} report(s) from {file}")

@@ -9,18 +9,22 @@ from typing import Annotated
 import typer
 import yaml
 
+from orchestrator import api
 from orchestrator.cli.errors import error_lines, exit_on_error, fail, print_error
 from orchestrator.cli.options import (
     NoTrackingOption,
     RayAddressOption,
     RunNameOption,
     SetOption,
+    SmokeDirOption,
+    SmokeOption,
+    TrackOption,
     VerboseOption,
     WorkloadArgument,
 )
 from orchestrator.cli.output import Progress
-from orchestrator.load import SpecError, load_workload
-from orchestrator.spec import WorkloadSpec, workload_schema
+from orchestrator.load import SpecError
+from orchestrator.spec import WorkloadSpec
 
 __all__ = ["data_prepare", "load_spec", "run", "schema", "show", "tune", "validate"]
 
@@ -28,7 +32,7 @@ __all__ = ["data_prepare", "load_spec", "run", "schema", "show", "tune", "valida
 def load_spec(file: Path, overrides: list[str] | None) -> WorkloadSpec:
     """Load a workload or exit 2 with every problem."""
     with exit_on_error():
-        return load_workload(file, overrides or [])
+        return api.validate(file, overrides or [])
 
 
 def validate(
@@ -39,7 +43,7 @@ def validate(
     failed = 0
     for path in files:
         try:
-            spec = load_workload(path, overrides or [])
+            spec = api.validate(path, overrides or [])
         except SpecError as error:  # reported, and the next file is checked all the same
             failed += 1
             print_error(*error_lines(error))
@@ -57,7 +61,7 @@ def show(file: WorkloadArgument, overrides: SetOption = None) -> None:
 
 def schema() -> None:
     """Print the JSON Schema of workload files (for editor validation and completion)."""
-    typer.echo(json.dumps(workload_schema(), indent=2))
+    typer.echo(json.dumps(api.schema(), indent=2))
 
 
 def data_prepare(
@@ -67,11 +71,9 @@ def data_prepare(
     verbose: VerboseOption = False,
 ) -> None:
     """Tokenize/convert a workload's raw data into cached Parquet shards (reused when unchanged)."""
-    from orchestrator.data import prepare
-
     spec = load_spec(file, overrides)
     with exit_on_error(f"{file}: data"):
-        prepared = prepare(spec.data, log=typer.echo, ray_address=address, verbose=verbose)
+        prepared = api.prepare(spec, address=address, verbose=verbose, log=typer.echo)
     splits = prepared.manifest["splits"]
     typer.echo(
         f"{prepared.root or spec.data.train}: {splits['train']['rows']} train rows in "
@@ -86,21 +88,26 @@ def run(
     name: RunNameOption = None,
     verbose: VerboseOption = False,
     no_tracking: NoTrackingOption = False,
+    smoke: SmokeOption = False,
+    smoke_dir: SmokeDirOption = None,
+    track: TrackOption = False,
 ) -> None:
     """Train a workload on this machine (or on --address), resuming a run of the same name.
 
     A workload with a tune section runs its sweep (like orch tune), continuing one of that name.
+    With --smoke, any workload (a cluster's too) runs shrunk to this machine, as a check.
     """
     spec = load_spec(file, overrides)
+    if smoke:
+        _smoke(file, spec, address, name, smoke_dir, track, verbose)
+        return
     if spec.tune is not None:
         _sweep(file, spec, address, name, None, verbose, not no_tracking)
         return
-    from orchestrator.run import run_workload
-
     hint = "rerun with --verbose for Ray's logs; checkpoints are kept"
     # The progress line ends before an error is printed.
     with exit_on_error(file, hint=hint), Progress() as progress:
-        result = run_workload(
+        result = api.run(
             spec,
             address=address,
             name=name,
@@ -135,11 +142,17 @@ def tune(
     address: RayAddressOption = None,
     verbose: VerboseOption = False,
     no_tracking: NoTrackingOption = False,
+    smoke: SmokeOption = False,
+    smoke_dir: SmokeDirOption = None,
+    track: TrackOption = False,
 ) -> None:
     """Run a workload's hyperparameter sweep: one Ray Train run per trial, with Ray Tune."""
     spec = load_spec(file, overrides)
     if spec.tune is None:
         fail(f"error: {file}: no tune section to sweep; add one (see README) or use orch run")
+    if smoke:
+        _smoke(file, spec, address, name, smoke_dir, track, verbose)
+        return
     _sweep(file, spec, address, name, resume, verbose, not no_tracking)
 
 
@@ -152,11 +165,11 @@ def _sweep(
     verbose: bool,
     tracking: bool,
 ) -> None:
-    from orchestrator.tune import run_sweep, summary_lines
+    from orchestrator.sweeps import summary_lines
 
     hint = "rerun with --verbose for Ray's logs; --resume continues it"
     with exit_on_error(file, failed="sweep failed", hint=hint):
-        result = run_sweep(
+        result = api.tune(
             spec,
             address=address,
             name=name,
@@ -178,3 +191,37 @@ def _sweep(
         typer.echo(f"  MLflow run: {result.mlflow_run_id} (one nested run per trial)")
     for note in result.notes:
         typer.echo(f"  {note}")
+
+
+def _smoke(
+    file: Path,
+    spec: WorkloadSpec,
+    address: str | None,
+    name: str | None,
+    workdir: Path | None,
+    track: bool,
+    verbose: bool,
+) -> None:
+    if address is not None or name is not None:
+        # A smoke run is this machine's, under its own directory and the workload's name.
+        fail(f"error: {file}: --smoke runs on this machine; drop --address and --name")
+    hint = "rerun with --verbose for Ray's logs"
+    with exit_on_error(file, failed="smoke run failed", hint=hint), Progress() as progress:
+        result = api.smoke(
+            spec,
+            workdir=workdir,
+            track=track,
+            verbose=verbose,
+            log=progress.note,
+            on_progress=progress.show,
+        )
+    typer.echo(f"smoke run of {result.name} passed in {result.seconds:.0f} s:")
+    for stage in result.stages:
+        typer.echo(f"  {stage.name}: {stage.detail}")
+    if result.generated:
+        typer.secho(
+            f"  trained on GENERATED data: {', '.join(g.uri for g in result.generated)} "
+            "could not be reached",
+            fg="yellow",
+        )
+    typer.echo(f"  smoke directory: {result.workdir}")

@@ -7,6 +7,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 __all__ = ["DataError", "Source", "find_source"]
@@ -68,9 +69,11 @@ def find_source(uri: str) -> Source:
 
 def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" in uri:
+        # ArrowInvalid lives in pyarrow, not pyarrow.fs: naming the latter turned every
+        # unreachable bucket into an AttributeError raised by this except clause.
         try:
             return pafs.FileSystem.from_uri(_strip_glob_for_uri(uri)[0])[0], _uri_path(uri)
-        except (pafs.ArrowInvalid, OSError, ValueError) as exc:
+        except (pa.ArrowInvalid, OSError, ValueError) as exc:
             raise DataError(f"{uri}: cannot open this location: {exc}") from None
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 

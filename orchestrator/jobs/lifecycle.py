@@ -27,6 +27,7 @@ class JobStatus:
     started: float | None  # epoch seconds
     ended: float | None
     mlflow_run_id: str | None
+    dashboard: str  # the job's page in the Ray dashboard
     details: Any  # Ray's JobDetails
 
     @property
@@ -54,6 +55,7 @@ def job_status(cluster: Cluster, job_id: str) -> JobStatus:
         started=info.start_time / 1000 if info.start_time else None,
         ended=info.end_time / 1000 if info.end_time else None,
         mlflow_run_id=meta.get("orch.mlflow_run"),
+        dashboard=cluster.job_url(job_id),
         details=info,
     )
 

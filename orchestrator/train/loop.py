@@ -67,7 +67,7 @@ def run_loop(cfg: WorkerConfig, session: Session) -> None:
     train = cfg.train
 
     accum = accumulation_steps(train, world)
-    per_epoch = steps_per_epoch(cfg.dataset.train_rows, train, world)  # > 0: checked by run.py
+    per_epoch = steps_per_epoch(cfg.dataset.train_rows, train, world)  # > 0: checked by driver.py
     total = total_steps(cfg.dataset.train_rows, train, world)
     epochs = math.ceil(total / per_epoch)
     task = task_of(cfg.model)

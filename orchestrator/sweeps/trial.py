@@ -222,8 +222,8 @@ def _train_with_trainer(
 
     import ray.train
 
+    from orchestrator.sweeps.janitor import train_loop_in_trial
     from orchestrator.train.trainer import build_trainer, explain, export_final
-    from orchestrator.tune.janitor import train_loop_in_trial
 
     metric = to_tune.metric
     if (ended := _ended_run(f"{storage}/{name}")) is not None:

@@ -26,9 +26,9 @@ from orchestrator.train.trainer import PreparedRun
 
 if TYPE_CHECKING:
     from orchestrator.tracking import Tracker
-from orchestrator.tune.observe import SweepObserver, register, unregister
-from orchestrator.tune.results import SweepResult, finish, row
-from orchestrator.tune.trial import TrialSetup, plan_splits, trains_in_trial, trial_resources
+from orchestrator.sweeps.observe import SweepObserver, register, unregister
+from orchestrator.sweeps.results import SweepResult, finish, row
+from orchestrator.sweeps.trial import TrialSetup, plan_splits, trains_in_trial, trial_resources
 
 __all__ = ["SweepInterrupted", "run_sweep"]
 
@@ -110,7 +110,7 @@ def _fit(
     """Run (or restore and continue) the Tuner; free what stopped trials held, however it ends."""
     import ray
 
-    from orchestrator.tune.janitor import PlacementGroupJanitor
+    from orchestrator.sweeps.janitor import PlacementGroupJanitor
 
     janitor = None
     if not trains_in_trial(setup.spec):  # only TorchTrainers leave placement groups behind
@@ -165,9 +165,9 @@ def _quiet_tune(verbose: bool) -> Iterator[None]:
 def _tuner(setup: TrialSetup, concurrency: int, restoring: bool, verbose: bool) -> Any:
     from ray import tune
 
-    from orchestrator.tune.observe import Relay
-    from orchestrator.tune.space import param_space, population, scheduler, search_algorithm
-    from orchestrator.tune.trial import run_trial, trial_dir_name
+    from orchestrator.sweeps.observe import Relay
+    from orchestrator.sweeps.space import param_space, population, scheduler, search_algorithm
+    from orchestrator.sweeps.trial import run_trial, trial_dir_name
 
     spec, path = setup.spec, setup.sweep_path
     assert spec.tune is not None
@@ -213,7 +213,7 @@ def _concurrency(spec: WorkloadSpec, on_this_machine: bool) -> int:
     import ray
 
     from orchestrator.plan import PlanError, trials_at_once
-    from orchestrator.tune.trial import TRAINER_TRIAL_CPU
+    from orchestrator.sweeps.trial import TRAINER_TRIAL_CPU
 
     assert spec.tune is not None
     trial_cpu = 0.0 if trains_in_trial(spec) else TRAINER_TRIAL_CPU  # beside its workers

@@ -1,0 +1,262 @@
+"""orch's Python API: one function per `orch` command, with the same arguments and defaults.
+
+The CLI parses, calls exactly one of these, and prints; a team's scripts and tests call them
+directly:
+
+    import orchestrator as orch
+
+    result = orch.smoke("workloads/bert_pretrain.yaml")     # orch run FILE --smoke
+    run = orch.run("workloads/local/bert_tiny.yaml", ["train.max_steps=20"])
+    print(run.metrics["eval_loss"], run.model_dir)
+
+A workload is a path (loaded with `overrides`, as `--set` does) or a WorkloadSpec (then
+`overrides` must be empty). Results are typed (RunResult, SweepResult, SmokeResult,
+Submission, JobStatus); failures raise orch's own exceptions: SpecError, RunError, DataError,
+JobsError and TrackingError for input the caller can fix, TrainingFailed (and SmokeFailed) when
+training started and failed. Nothing here imports Ray or torch until a function needs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from orchestrator.load import load_workload
+from orchestrator.spec import WorkloadSpec, workload_schema
+
+if TYPE_CHECKING:
+    from orchestrator.data.prepare import PreparedData
+    from orchestrator.driver import RunResult
+    from orchestrator.jobs import JobStatus, Submission
+    from orchestrator.smoketest import SmokeResult
+    from orchestrator.sweeps.results import SweepResult
+
+__all__ = [
+    "JobLogs",
+    "Workload",
+    "list_jobs",
+    "logs",
+    "prepare",
+    "run",
+    "runs",
+    "schema",
+    "smoke",
+    "status",
+    "stop",
+    "submit",
+    "tune",
+    "upload_runs",
+    "validate",
+]
+
+Workload = WorkloadSpec | str | Path
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    """The default `log`: say nothing."""
+
+
+def validate(workload: Workload, overrides: Iterable[str] = ()) -> WorkloadSpec:
+    """The validated workload (`orch validate`, `orch show`); SpecError lists every problem."""
+    overrides = list(overrides)
+    if isinstance(workload, WorkloadSpec):
+        if overrides:
+            raise ValueError("overrides apply to a workload file; a WorkloadSpec is final")
+        return workload
+    return load_workload(workload, overrides)
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema of workload files (`orch schema`)."""
+    return workload_schema()
+
+
+def prepare(
+    workload: Workload,
+    overrides: Iterable[str] = (),
+    *,
+    address: str | None = None,
+    verbose: bool = False,
+    log: Log = _quiet,
+) -> PreparedData:
+    """Prepare (or reuse from the cache) the workload's data (`orch data prepare`)."""
+    from orchestrator.data import prepare as prepare_data
+
+    spec = validate(workload, overrides)
+    return prepare_data(spec.data, log=log, ray_address=address, verbose=verbose)
+
+
+def run(
+    workload: Workload,
+    overrides: Iterable[str] = (),
+    *,
+    address: str | None = None,
+    name: str | None = None,
+    verbose: bool = False,
+    tracking: bool = True,
+    log: Log = _quiet,
+    on_progress: Callable[[dict[str, Any]], None] = lambda _: None,
+) -> RunResult:
+    """Train the workload here (or on the Ray at `address`), resuming a run of the same name
+    (`orch run`). A workload with a tune section is a sweep: call `tune`."""
+    from orchestrator.driver import run_workload
+    from orchestrator.errors import RunError
+
+    spec = validate(workload, overrides)
+    if spec.tune is not None:
+        raise RunError("the workload has a tune section: run its sweep with tune()")
+    return run_workload(
+        spec,
+        address=address,
+        name=name,
+        verbose=verbose,
+        tracking=tracking,
+        log=log,
+        on_progress=on_progress,
+    )
+
+
+def tune(
+    workload: Workload,
+    overrides: Iterable[str] = (),
+    *,
+    address: str | None = None,
+    name: str | None = None,
+    resume: bool | None = None,
+    verbose: bool = False,
+    tracking: bool = True,
+    log: Log = _quiet,
+) -> SweepResult:
+    """Run the workload's sweep (`orch tune`); `resume` True continues one, None continues one
+    of that name if it exists."""
+    from orchestrator.sweeps import run_sweep
+
+    return run_sweep(
+        validate(workload, overrides),
+        address=address,
+        name=name,
+        resume=resume,
+        verbose=verbose,
+        tracking=tracking,
+        log=log,
+    )
+
+
+def smoke(
+    workload: Workload,
+    overrides: Iterable[str] = (),
+    *,
+    workdir: str | Path | None = None,
+    track: bool = False,
+    verbose: bool = False,
+    log: Log = _quiet,
+    on_progress: Callable[[dict[str, Any]], None] = lambda _: None,
+) -> SmokeResult:
+    """Shrink any workload to this machine and run it through every stage (`orch run --smoke`,
+    `orch tune --smoke`). Runs, data and MLflow (with `track`) stay under `workdir` (default
+    .orch/smoke); SmokeFailed if a stage did not happen."""
+    from orchestrator.smoketest import smoke as smoke_run
+
+    return smoke_run(
+        validate(workload, overrides),
+        workdir=workdir,
+        track=track,
+        verbose=verbose,
+        log=log,
+        on_progress=on_progress,
+    )
+
+
+def submit(
+    workload: Workload,
+    overrides: Iterable[str] = (),
+    *,
+    address: str | None = None,
+    name: str | None = None,
+    allow_insecure: bool = False,
+    fit_check: bool = True,
+    tracking: bool = True,
+    log: Log = _quiet,
+) -> Submission:
+    """Submit the workload to a Ray cluster as a job (`orch submit`)."""
+    from orchestrator.jobs import submit as submit_job
+
+    return submit_job(
+        validate(workload, overrides),
+        address=address,
+        name=name,
+        allow_insecure=allow_insecure,
+        fit_check=fit_check,
+        tracking=tracking,
+        log=log,
+    )
+
+
+def status(job_id: str, *, address: str | None = None) -> JobStatus:
+    """A job's status, and why it waits when it cannot run yet (`orch status`)."""
+    from orchestrator.jobs import job_status
+
+    return job_status(_cluster(address), job_id)
+
+
+class JobLogs(NamedTuple):
+    status: JobStatus
+    text: str  # the logs so far; empty when they were followed (streamed to `on_output`)
+
+
+def logs(
+    job_id: str,
+    *,
+    address: str | None = None,
+    follow: bool = False,
+    on_output: Log = _quiet,
+    on_notice: Log = _quiet,
+) -> JobLogs:
+    """A job's logs (`orch logs`); with `follow`, streamed to `on_output` until the job ends,
+    with `on_notice` told when and why it waits for resources."""
+    from orchestrator.jobs import follow_logs, job_status
+
+    cluster = _cluster(address)
+    if follow:
+        return JobLogs(follow_logs(cluster, job_id, on_output, on_notice), "")
+    state = job_status(cluster, job_id)
+    return JobLogs(state, cluster.jobs.get_job_logs(job_id))
+
+
+def stop(job_id: str, *, address: str | None = None) -> JobStatus:
+    """Stop a job (`orch stop`); its checkpoints stay, and submitting the run again resumes it."""
+    from orchestrator.jobs import stop_job
+
+    return stop_job(_cluster(address), job_id)
+
+
+def list_jobs(*, address: str | None = None) -> list[dict[str, str]]:
+    """The cluster's jobs, newest first (`orch list`)."""
+    from orchestrator.jobs import list_jobs as cluster_jobs
+
+    return cluster_jobs(_cluster(address))
+
+
+def runs(
+    *, tracking_uri: str | None = None, experiment: str | None = None, limit: int = 20
+) -> list[dict[str, str]]:
+    """Recent MLflow runs: id, workload, status, key metrics, duration (`orch runs`)."""
+    from orchestrator.tracking import recent_runs
+
+    return recent_runs(tracking_uri, experiment, limit)
+
+
+def upload_runs(file: str | Path) -> int:
+    """Send the reports a run kept while its MLflow server was down (`orch runs upload`);
+    returns how many were sent."""
+    from orchestrator.tracking import upload_pending
+
+    return upload_pending(Path(file))
+
+
+def _cluster(address: str | None) -> Any:
+    from orchestrator.jobs import connect
+
+    return connect(address, None, allow_insecure=True)  # reading is not submitting
