@@ -27,7 +27,14 @@ from orchestrator.api import (
     upload_runs,
     validate,
 )
-from orchestrator.errors import RunError, TrainingFailed
+from orchestrator.errors import (
+    DataError,
+    JobsError,
+    RunError,
+    SmokeFailed,
+    TrackingError,
+    TrainingFailed,
+)
 from orchestrator.load import Problem, SpecError, load_workload
 from orchestrator.spec import WorkloadSpec, workload_schema
 
@@ -37,10 +44,14 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0"
 
 __all__ = [
+    "DataError",
     "JobLogs",
+    "JobsError",
     "Problem",
     "RunError",
+    "SmokeFailed",
     "SpecError",
+    "TrackingError",
     "TrainingFailed",
     "Workload",
     "WorkloadSpec",

@@ -1,8 +1,15 @@
-"""The exceptions that decide `orch`'s exit code, shared by the run, sweep and job drivers."""
+"""orch's exceptions: each decides `orch`'s exit code (cli/errors.py); API callers catch them."""
 
 from __future__ import annotations
 
-__all__ = ["RunError", "TrainingFailed"]
+__all__ = [
+    "DataError",
+    "JobsError",
+    "RunError",
+    "SmokeFailed",
+    "TrackingError",
+    "TrainingFailed",
+]
 
 
 class RunError(Exception):
@@ -11,3 +18,21 @@ class RunError(Exception):
 
 class TrainingFailed(Exception):
     """Training started and failed (exit code 1)."""
+
+
+class SmokeFailed(TrainingFailed):
+    """A smoke run ran, but a stage a real run needs did not happen (exit code 1)."""
+
+
+# Defined here rather than beside the code that raises them, so that `import orchestrator` (the
+# CLI, the API) can name them without importing pyarrow, Ray or MLflow.
+class DataError(Exception):
+    """A data problem the user can fix: names the file and what is wrong with it (exit code 2)."""
+
+
+class JobsError(Exception):
+    """The cluster cannot be used as asked; the message says what to do (exit code 2)."""
+
+
+class TrackingError(Exception):
+    """The tracking server cannot be used; says how to run without it (exit code 2)."""

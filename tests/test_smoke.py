@@ -211,3 +211,69 @@ def test_each_command_calls_its_api_function(
     assert result.exit_code == 2 and "stopped by the test" in result.output
     # What the package exports is the same function the CLI calls.
     assert function in orchestrator.__all__
+
+
+@pytest.mark.integration
+def test_a_teams_suite_smoke_tests_its_workloads_with_the_plugin(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """The README's example, as a team would run it: its own repository, orch installed, no
+    conftest. The plugin's Ray is stopped at the end even though one of its tests fails."""
+    repo = tmp_path / "team"
+    (repo / "workloads").mkdir(parents=True)
+    (repo / "workloads" / "digits.yaml").write_text(
+        textwrap.dedent(
+            f"""\
+            name: digits
+            model: {{kind: cnn, channels: [8]}}
+            data: {{train: {shared_data}, format: mnist}}
+            train: {{micro_batch_size: 16}}
+            """
+        )
+    )
+    (repo / "test_workloads.py").write_text(
+        textwrap.dedent(
+            """\
+            import os, pathlib
+
+            import psutil
+            import pytest
+
+            WORKLOADS = sorted(pathlib.Path("workloads").glob("**/*.yaml"))
+
+
+            @pytest.mark.parametrize("path", WORKLOADS, ids=str)
+            def test_workload_smoke_runs(orch_smoke, path):
+                result = orch_smoke(path)
+                assert [s.name for s in result.stages][-1] == "export"
+
+
+            def test_fails_yet_ray_is_stopped(orch_ray):
+                ray_pids = [p.pid for p in psutil.Process().children(recursive=True)]
+                pathlib.Path("ray_pids").write_text(" ".join(map(str, ray_pids)))
+                assert ray_pids and not "a team's failing test"
+            """
+        )
+    )
+    import subprocess
+    import sys
+
+    import psutil
+
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_workloads.py"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert "1 failed, 1 passed" in done.stdout, done.stdout + done.stderr
+    pids = [int(p) for p in (repo / "ray_pids").read_text().split()]
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert not alive, f"Ray processes left running: {alive}"
+    assert not (repo / "orch_runs").exists() and not (repo / ".orch" / "data").exists()
+
+
+def test_smoke_options_without_smoke_are_refused() -> None:
+    result = CliRunner().invoke(app, ["run", str(LOCAL / "bert_tiny.yaml"), "--track"])
+    assert result.exit_code == 2 and "add --smoke" in result.output

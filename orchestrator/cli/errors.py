@@ -31,9 +31,9 @@ TRAINING_FAILED = 1
 EXIT_CODES: dict[tuple[str, str], int] = {
     ("orchestrator.load", "SpecError"): INVALID_INPUT,  # the workload file or a --set
     ("orchestrator.errors", "RunError"): INVALID_INPUT,  # the workload cannot start as specified
-    ("orchestrator.data", "DataError"): INVALID_INPUT,  # the raw data cannot be prepared
-    ("orchestrator.jobs", "JobsError"): INVALID_INPUT,  # the cluster cannot be reached or used
-    ("orchestrator.tracking", "TrackingError"): INVALID_INPUT,  # MLflow cannot be read
+    ("orchestrator.errors", "DataError"): INVALID_INPUT,  # the raw data cannot be prepared
+    ("orchestrator.errors", "JobsError"): INVALID_INPUT,  # the cluster cannot be reached or used
+    ("orchestrator.errors", "TrackingError"): INVALID_INPUT,  # MLflow cannot be read
     ("orchestrator.errors", "TrainingFailed"): TRAINING_FAILED,  # training started, then failed
 }
 

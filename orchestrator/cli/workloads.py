@@ -97,6 +97,7 @@ def run(
     A workload with a tune section runs its sweep (like orch tune), continuing one of that name.
     With --smoke, any workload (a cluster's too) runs shrunk to this machine, as a check.
     """
+    _smoke_options_need_smoke(smoke, smoke_dir, track)
     spec = load_spec(file, overrides)
     if smoke:
         _smoke(file, spec, address, name, smoke_dir, track, verbose)
@@ -147,6 +148,7 @@ def tune(
     track: TrackOption = False,
 ) -> None:
     """Run a workload's hyperparameter sweep: one Ray Train run per trial, with Ray Tune."""
+    _smoke_options_need_smoke(smoke, smoke_dir, track)
     spec = load_spec(file, overrides)
     if spec.tune is None:
         fail(f"error: {file}: no tune section to sweep; add one (see README) or use orch run")
@@ -191,6 +193,11 @@ def _sweep(
         typer.echo(f"  MLflow run: {result.mlflow_run_id} (one nested run per trial)")
     for note in result.notes:
         typer.echo(f"  {note}")
+
+
+def _smoke_options_need_smoke(smoke: bool, smoke_dir: Path | None, track: bool) -> None:
+    if not smoke and (smoke_dir is not None or track):
+        fail("error: --smoke-dir and --track only apply to a smoke run; add --smoke")
 
 
 def _smoke(

@@ -10,13 +10,11 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from orchestrator.errors import DataError
+
 __all__ = ["DataError", "Source", "find_source"]
 
 _GLOB_CHARS = set("*?[")
-
-
-class DataError(Exception):
-    """A data problem the user can fix: names the file and what is wrong with it."""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.errors import JobsError
+
 __all__ = [
     "Cluster",
     "JobsError",
@@ -24,10 +26,6 @@ __all__ = [
 
 DASHBOARD_PORT = 8265
 _PROBE_TIMEOUT_S = 10
-
-
-class JobsError(Exception):
-    """The cluster cannot be used as asked; the message says what to do (exit code 2)."""
 
 
 def resolve_address(flag: str | None, workload_address: str | None) -> tuple[str, str]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.errors import TrainingFailed
+from orchestrator.errors import SmokeFailed
 from orchestrator.smoketest.shrink import LEG_STEPS, SMOKE_STEPS, Change, Generated, shrink
 from orchestrator.spec import WorkloadSpec
 
@@ -29,10 +29,6 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_WORKDIR", "SmokeFailed", "SmokeResult", "Stage", "smoke"]
 
 DEFAULT_WORKDIR = Path(".orch") / "smoke"
-
-
-class SmokeFailed(TrainingFailed):
-    """The shrunk workload ran, but a stage a real run needs did not happen (exit code 1)."""
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from orchestrator.errors import TrackingError
 from orchestrator.spec import WorkloadSpec
 
 __all__ = ["Tracker", "TrackingError"]
-
-
-class TrackingError(Exception):
-    """The tracking server cannot be used; says how to run without it."""
 
 
 class Tracker(Protocol):
