@@ -277,3 +277,14 @@ def test_a_teams_suite_smoke_tests_its_workloads_with_the_plugin(
 def test_smoke_options_without_smoke_are_refused() -> None:
     result = CliRunner().invoke(app, ["run", str(LOCAL / "bert_tiny.yaml"), "--track"])
     assert result.exit_code == 2 and "add --smoke" in result.output
+
+
+def test_a_missing_local_source_is_refused_not_generated(tmp_path: Path) -> None:
+    """Only remote data that cannot be reached is replaced; a local typo is the user's to fix."""
+    missing = tmp_path / "no-such-corpus.txt"
+    result = CliRunner().invoke(
+        app, ["run", str(LOCAL / "bert_tiny.yaml"), "--smoke", "--set", f"data.train={missing}"]
+    )
+    assert result.exit_code == 2, result.output
+    assert f"{missing}: no such file or directory" in result.output
+    assert "GENERATED" not in result.output

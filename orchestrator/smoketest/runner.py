@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import SmokeFailed
-from orchestrator.smoketest.shrink import LEG_STEPS, SMOKE_STEPS, Change, Generated, shrink
+from orchestrator.smoketest.shrink import LEG_STEPS, SMOKE_STEPS, Change, Generated, Shrinking
 from orchestrator.spec import WorkloadSpec
 
 if TYPE_CHECKING:
@@ -62,28 +62,27 @@ def smoke(
     """Shrink `spec` to this machine and run it through every stage; SmokeFailed if one is
     missing. Runs, data and (with `track`) MLflow stay under `workdir`."""
     from orchestrator.ray_session import ray_session
-    from orchestrator.train.trainer import check_inputs
 
     started = time.monotonic()
     root = Path(workdir or DEFAULT_WORKDIR).resolve()
-    # Shrunk (and refused, when it cannot be) before Ray starts.
-    shrunk = shrink(spec, root, track=track)
-    check_inputs(shrunk.spec)
-    for change in shrunk.changes:
-        log(f"smoke: {change}")
-    for source in shrunk.generated:
-        log(f"smoke: WARNING: {source}; training on GENERATED data instead")
-    result = SmokeResult(
-        name=spec.name,
-        spec=shrunk.spec,
-        changes=shrunk.changes,
-        generated=shrunk.generated,
-        workdir=str(root),
-    )
-    # The smoke directory's runs are its own scratch: each smoke run starts from nothing,
-    # or its first leg would resume the last smoke run's checkpoints.
-    shutil.rmtree(root / "runs" / spec.name, ignore_errors=True)
+    # What cannot be shrunk is refused before Ray starts; remote data is probed while it starts.
+    shrinking = Shrinking(spec, root, track=track)
     with ray_session(None, verbose):
+        shrunk = shrinking.finish()
+        for change in shrunk.changes:
+            log(f"smoke: {change}")
+        for source in shrunk.generated:
+            log(f"smoke: WARNING: {source}; training on GENERATED data instead")
+        result = SmokeResult(
+            name=spec.name,
+            spec=shrunk.spec,
+            changes=shrunk.changes,
+            generated=shrunk.generated,
+            workdir=str(root),
+        )
+        # The smoke directory's runs are its own scratch: each smoke run starts from nothing,
+        # or its first leg would resume the last smoke run's checkpoints.
+        shutil.rmtree(root / "runs" / spec.name, ignore_errors=True)
         if shrunk.spec.tune is None:
             _run_legs(shrunk.spec, result, verbose, track, log, on_progress)
         else:

@@ -38,6 +38,7 @@ __all__ = [
     "Change",
     "Generated",
     "Probes",
+    "Shrinking",
     "Shrunk",
     "shrink",
 ]
@@ -96,24 +97,48 @@ def shrink(
     *,
     track: bool = False,
     available_memory: float | None = None,
-    probes: Probes | None = None,
 ) -> Shrunk:
-    """`spec` shrunk to a smoke run whose files all live under `workdir`.
+    """`spec` shrunk to a smoke run whose files all live under `workdir`."""
+    return Shrinking(spec, workdir, track=track, available_memory=available_memory).finish()
 
-    `probes`: the probes of `spec.data`'s sources, if the caller started them earlier.
-    """
-    edit = _Edit(spec.model_dump(mode="python"))
-    sweep = spec.tune is not None
-    # Remote sources are probed in the background: listing a bucket can take seconds, and
-    # sizing the model meanwhile imports its library.
-    probes = probes or Probes(spec.data)
-    _scaling(edit, sweep)
-    _training(edit, workdir, sweep)
-    _tune(edit)
-    _tracking(edit, workdir, track)
-    _fit_model(edit, _validate(edit), available_memory)
-    generated = _data(edit, spec, workdir, probes.unreachable())
-    return Shrunk(_validate(edit), edit.changes, generated)
+
+class Shrinking:
+    """A shrink in two halves, so that the caller can start Ray in between: everything but the
+    data is decided (and refused, when it cannot be) at once; remote sources are probed in the
+    background meanwhile, and `finish` replaces the unreachable ones."""
+
+    def __init__(
+        self,
+        spec: WorkloadSpec,
+        workdir: Path,
+        *,
+        track: bool = False,
+        available_memory: float | None = None,
+    ):
+        self._spec, self._workdir = spec, workdir
+        # Listing a bucket can take seconds; sizing the model meanwhile imports its library.
+        self._probes = Probes(spec.data)
+        self._edit = edit = _Edit(spec.model_dump(mode="python"))
+        sweep = spec.tune is not None
+        _scaling(edit, sweep)
+        _training(edit, workdir, sweep)
+        _tune(edit)
+        _tracking(edit, workdir, track)
+        _fit_model(edit, _validate(edit), available_memory)
+        _check_local_sources(spec.data)
+
+    def finish(self) -> Shrunk:
+        generated = _data(self._edit, self._spec, self._workdir, self._probes.unreachable())
+        return Shrunk(_validate(self._edit), self._edit.changes, generated)
+
+
+def _check_local_sources(data: DataSpec) -> None:
+    """A missing local path is the user's to fix (never replaced by generated data)."""
+    from orchestrator.data.sources import find_source
+
+    for uri in (data.train, data.eval):
+        if uri is not None and ("://" not in uri or uri.startswith("file://")):
+            find_source(uri)  # DataError naming the path
 
 
 class _Edit:
