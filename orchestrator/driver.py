@@ -59,12 +59,15 @@ def run_workload(
     name: str | None = None,
     verbose: bool = False,
     tracking: bool = True,
+    export: bool = True,
     log: Callable[[str], None] = lambda _: None,
     on_progress: Callable[[dict[str, Any]], None] = lambda _: None,
 ) -> RunResult:
     """Run one workload to the end (resuming its earlier checkpoints) and export the model.
 
     `tracking=False` (--no-tracking) skips MLflow even when the workload enables it.
+    `export=False` leaves the final checkpoint unexported (a smoke run's first leg: its second
+    leg exports).
     """
     started = time.monotonic()
     name = name or spec.name
@@ -88,7 +91,7 @@ def run_workload(
             except TrackingError as exc:
                 raise RunError(str(exc)) from None
             log(f"tracking: MLflow run {tracker.run_id} at {tracker.location}")
-        return _fit(spec, run, name, log, on_progress, started, tracker)
+        return _fit(spec, run, name, log, on_progress, started, tracker, export)
 
 
 def _fit(
@@ -99,6 +102,7 @@ def _fit(
     on_progress: Callable[[dict[str, Any]], None],
     started: float,
     tracker: Tracker | None,
+    export: bool,
 ) -> RunResult:
     import ray.train
     from ray.util.queue import Queue
@@ -143,7 +147,7 @@ def _fit(
                 log(note)
         raise error
     history = printer.events
-    model_dir = export_final(result, config)
+    model_dir = export_final(result, config) if export else None
     checkpoint = result.checkpoint.path if result.checkpoint else None
     notes = tracker.finish("FINISHED", model_dir, checkpoint) if tracker is not None else []
     return RunResult(

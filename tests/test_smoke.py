@@ -148,7 +148,7 @@ def test_the_cluster_bert_workload_smoke_runs_from_the_command_line(
     [
         ("gpt_pretrain.yaml", []),
         ("resnet50_imagenet.yaml", []),
-        ("local/bert_tiny.yaml", []),
+        ("local/bert_tiny.yaml", ["--track"]),
         ("local/gpt_tiny_zero2.yaml", []),
         ("local/mnist_cnn.yaml", ["data.train={data}"]),
         ("local/mnist_cnn_sweep.yaml", ["data.train={data}"]),
@@ -158,11 +158,21 @@ def test_every_shipped_workload_smoke_runs(
     orch_smoke, shared_data: Path, workload: str, overrides: list[str]
 ) -> None:
     """What a team's CI does with the plugin: each workload file, through every stage."""
+    import orchestrator
+
     path = WORKLOADS / workload
-    result = orch_smoke(path, *(o.format(data=shared_data) for o in overrides))
+    track = "--track" in overrides
+    overrides = [o.format(data=shared_data) for o in overrides if o != "--track"]
+    result = orch_smoke(path, *overrides, track=track)
     stages = [stage.name for stage in result.stages]
-    assert stages == (SWEEP_STAGES if result.spec.tune else RUN_STAGES)
-    original = load_workload(path, [o.format(data=shared_data) for o in overrides])
+    expected = SWEEP_STAGES if result.spec.tune else RUN_STAGES
+    assert stages == expected + (["track"] if track else [])
+    if track:  # recorded in the smoke directory's own store, never the workload's server
+        store = f"sqlite:///{result.workdir}/mlflow.db"
+        assert result.spec.tracking.mlflow.tracking_uri == store
+        recorded = orchestrator.runs(tracking_uri=store)
+        assert [(r["workload"], r["status"]) for r in recorded] == [(result.name, "FINISHED")]
+    original = load_workload(path, overrides)
     assert result.spec.model.kind == original.model.kind
     assert bool(result.generated) == ("://" in original.data.train)
     # Nothing under the workload's own storage or cache.

@@ -106,9 +106,15 @@ def _run_legs(
     )
     for leg in (first_leg, spec):
         log(f"smoke: training to step {leg.train.max_steps}")
-        result.runs.append(
-            run_workload(leg, verbose=verbose, tracking=track, log=log, on_progress=on_progress)
+        run = run_workload(
+            leg,
+            verbose=verbose,
+            tracking=track,
+            export=leg is spec,  # the second leg's export is the one checked
+            log=log,
+            on_progress=on_progress,
         )
+        result.runs.append(run)
     first, second = result.runs
     result.stages.append(Stage("prepare", f"data in {spec.data.cache_dir}"))
     _check_steps(first, LEG_STEPS, result)
@@ -126,7 +132,7 @@ def _run_legs(
     _check_steps(second, SMOKE_STEPS, result)
     _check_export(second.model_dir, result)
     if track:
-        ids = ", ".join(str(r.mlflow_run_id) for r in result.runs)
+        ids = ", ".join(dict.fromkeys(str(r.mlflow_run_id) for r in result.runs))  # resumed: one
         result.stages.append(
             Stage("track", f"MLflow runs {ids} in {spec.tracking.mlflow.tracking_uri}")
         )
