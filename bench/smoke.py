@@ -9,8 +9,11 @@ stand-in data) and with the data prepared:
 - the baseline: workloads/local/bert_tiny.yaml --smoke, the laptop workload (2 layers of 128),
   through the same stages: what the smoke machinery itself costs.
 
-Peak memory is the peak of the summed RSS of the orch process and every process under it
-(Ray's GCS, raylet, the Train controller and workers), sampled every 0.2 s.
+Peak memory is the peak over the orch process and every process under it (Ray's GCS, raylet,
+the Train controller and workers), sampled every 0.2 s, summed two ways: RSS, which counts
+the pages these processes share (torch's libraries, Ray's object store) once per process, and
+PSS, which splits each shared page between its sharers, so that it sums to what the tree
+really holds.
 
     python bench/smoke.py            # writes bench/results/smoke.json
 """
@@ -36,12 +39,22 @@ WORKLOADS = {
 }
 
 
-def _tree_rss(proc: psutil.Process) -> int:
-    total = 0
+def _pss(pid: int) -> int:
+    # smaps_rollup is the kernel's one-line sum of smaps: cheap enough to read 5 times a second.
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _tree_memory(proc: psutil.Process) -> tuple[int, int]:
+    rss = pss = 0
     for p in [proc, *proc.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):  # a process that ended since it was listed
-            total += p.memory_info().rss
-    return total
+        # A process that ended since it was listed.
+        with contextlib.suppress(psutil.Error, OSError):
+            rss += p.memory_info().rss
+            pss += _pss(p.pid)
+    return rss, pss
 
 
 def smoke(workload: str, workdir: Path) -> dict[str, float]:
@@ -53,17 +66,18 @@ def smoke(workload: str, workdir: Path) -> dict[str, float]:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    peak = 0
+    peak_rss = peak_pss = 0
     watched = psutil.Process(proc.pid)
     done = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak_rss, peak_pss
         while not done.is_set():
             try:
-                peak = max(peak, _tree_rss(watched))
+                rss, pss = _tree_memory(watched)
             except psutil.Error:
                 return
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -74,11 +88,28 @@ def smoke(workload: str, workdir: Path) -> dict[str, float]:
     wall = time.monotonic() - started
     if proc.returncode != 0:
         raise SystemExit(f"{workload} --smoke failed ({proc.returncode}):\n{output}")
-    return {"wall_s": round(wall, 1), "peak_rss_gb": round(peak / 1024**3, 2)}
+    return {
+        "wall_s": round(wall, 1),
+        "peak_rss_gb": round(peak_rss / 1024**3, 2),
+        "peak_pss_gb": round(peak_pss / 1024**3, 2),
+    }
+
+
+def machine_speed() -> float:
+    """Seconds for 10 million Python additions: how fast this machine is today.
+
+    These machines run at different speeds from day to day (the same smoke runs took twice as
+    long on one day as on the day before); the figure says which kind of day a result is from.
+    """
+    started = time.perf_counter()
+    total = 0
+    for i in range(10_000_000):
+        total += i
+    return round(time.perf_counter() - started, 2)
 
 
 def main() -> None:
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    results: dict[str, object] = {"machine_speed_s": machine_speed()}
     with tempfile.TemporaryDirectory() as tmp:
         for label, workload in WORKLOADS.items():
             workdir = Path(tmp) / label.split()[0]
