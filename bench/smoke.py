@@ -39,21 +39,14 @@ WORKLOADS = {
 }
 
 
-def _pss(pid: int) -> int:
-    # smaps_rollup is the kernel's one-line sum of smaps: cheap enough to read 5 times a second.
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def _tree_memory(proc: psutil.Process) -> tuple[int, int]:
     rss = pss = 0
     for p in [proc, *proc.children(recursive=True)]:
-        # A process that ended since it was listed.
-        with contextlib.suppress(psutil.Error, OSError):
-            rss += p.memory_info().rss
-            pss += _pss(p.pid)
+        with contextlib.suppress(psutil.Error):  # a process that ended since it was listed
+            # One read of /proc/PID/smaps_rollup on Linux: cheap enough 5 times a second.
+            memory = p.memory_full_info()
+            rss += memory.rss
+            pss += memory.pss
     return rss, pss
 
 
@@ -95,21 +88,8 @@ def smoke(workload: str, workdir: Path) -> dict[str, float]:
     }
 
 
-def machine_speed() -> float:
-    """Seconds for 10 million Python additions: how fast this machine is today.
-
-    These machines run at different speeds from day to day (the same smoke runs took twice as
-    long on one day as on the day before); the figure says which kind of day a result is from.
-    """
-    started = time.perf_counter()
-    total = 0
-    for i in range(10_000_000):
-        total += i
-    return round(time.perf_counter() - started, 2)
-
-
 def main() -> None:
-    results: dict[str, object] = {"machine_speed_s": machine_speed()}
+    results: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, workload in WORKLOADS.items():
             workdir = Path(tmp) / label.split()[0]
