@@ -22,13 +22,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from orchestrator.load import load_workload
-from orchestrator.spec import WorkloadSpec, workload_schema
+from orchestrator.load import Problem, SpecError, load_workload
+from orchestrator.spec import WorkloadSpec, name_problem, workload_schema
 
 if TYPE_CHECKING:
     from orchestrator.data.prepare import PreparedData
     from orchestrator.driver import RunResult
-    from orchestrator.jobs import JobStatus, Submission
+    from orchestrator.jobs import JobStatus, Submission, SubmitPlan
     from orchestrator.smoketest import SmokeResult
     from orchestrator.sweeps.results import SweepResult
 
@@ -37,6 +37,7 @@ __all__ = [
     "Workload",
     "list_jobs",
     "logs",
+    "plan_submit",
     "prepare",
     "run",
     "runs",
@@ -66,6 +67,12 @@ def validate(workload: Workload, overrides: Iterable[str] = ()) -> WorkloadSpec:
             raise ValueError("overrides apply to a workload file; a WorkloadSpec is final")
         return workload
     return load_workload(workload, overrides)
+
+
+def _check_name(name: str | None) -> None:
+    """Refuse a bad run or sweep name before anything starts: it becomes a directory."""
+    if name is not None and (problem := name_problem(name)):
+        raise SpecError([Problem("--name", "", problem)])
 
 
 def schema() -> dict[str, Any]:
@@ -101,6 +108,7 @@ def run(
 ) -> RunResult:
     """Train the workload here (or on the Ray at `address`), resuming a run of the same name
     (`orch run`). A workload with a tune section is a sweep: call `tune`."""
+    _check_name(name)  # before importing Ray
     from orchestrator.driver import run_workload
     from orchestrator.errors import RunError
 
@@ -131,6 +139,7 @@ def tune(
 ) -> SweepResult:
     """Run the workload's sweep (`orch tune`); `resume` True continues one, None continues one
     of that name if it exists."""
+    _check_name(name)
     from orchestrator.sweeps import run_sweep
 
     return run_sweep(
@@ -181,6 +190,7 @@ def submit(
     log: Log = _quiet,
 ) -> Submission:
     """Submit the workload to a Ray cluster as a job (`orch submit`)."""
+    _check_name(name)
     from orchestrator.jobs import submit as submit_job
 
     return submit_job(
@@ -191,6 +201,27 @@ def submit(
         fit_check=fit_check,
         tracking=tracking,
         log=log,
+    )
+
+
+def plan_submit(
+    workload: Workload,
+    overrides: Iterable[str] = (),
+    *,
+    name: str | None = None,
+    tracking: bool = True,
+    working_dir: str | Path | None = None,
+) -> SubmitPlan:
+    """What `submit` would send, without contacting the cluster (`orch submit --dry-run`): the
+    files uploaded and left out (and by which rule), the entrypoint, env var names, resources."""
+    _check_name(name)
+    from orchestrator.jobs import plan_submit as plan_job
+
+    return plan_job(
+        validate(workload, overrides),
+        name=name,
+        tracking=tracking,
+        working_dir=Path(working_dir) if working_dir is not None else None,
     )
 
 

@@ -7,6 +7,7 @@ progress line, and exports the final model. What a run is made of lives in `orch
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.errors import RunError, TrainingFailed
 from orchestrator.models import import_ahead
 from orchestrator.ray_session import ray_session
+from orchestrator.runlock import run_lock
 from orchestrator.spec import WorkloadSpec
+from orchestrator.stopping import Stopped, keep_sigint, stop_signals
 from orchestrator.train.config import WorkerConfig
 from orchestrator.train.loop import total_steps
 from orchestrator.train.trainer import (
@@ -75,7 +78,11 @@ def run_workload(
     # The plan check builds the model (on the meta device); importing its library overlaps
     # with starting Ray instead of following it.
     import_ahead(spec.model.kind, training=False)
-    with ray_session(address, verbose):
+    with (
+        stop_signals(),
+        run_lock(storage_uri(spec.train.storage_path), name),
+        ray_session(address, verbose),
+    ):
         run = prepare_run(spec, address=address, verbose=verbose, log=log)
         tracker = None
         if tracking and spec.tracking.mlflow.enabled:
@@ -91,7 +98,14 @@ def run_workload(
             except TrackingError as exc:
                 raise RunError(str(exc)) from None
             log(f"tracking: MLflow run {tracker.run_id} at {tracker.location}")
-        return _fit(spec, run, name, log, on_progress, started, tracker, export)
+        try:
+            return _fit(spec, run, name, log, on_progress, started, tracker, export)
+        except BaseException as error:  # stopped (Ctrl-C, SIGTERM) or failed: the run ends
+            if tracker is not None:
+                status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+                for note in tracker.finish(status, None, None):
+                    log(note)
+            raise
 
 
 def _fit(
@@ -127,25 +141,14 @@ def _fit(
         if tracker is not None:
             tracker.log(event)
 
-    with ProgressPrinter(channel, show) as printer:
-        try:
+    try:
+        # The printer's thread is joined before the tracker finishes (see run_workload).
+        with ProgressPrinter(channel, show) as printer, keep_sigint():
             result = trainer.fit()
-        except (ray.train.TrainingFailedError, KeyboardInterrupt) as exc:
-            error = (
-                explain(exc, run.prepared)
-                if isinstance(exc, ray.train.TrainingFailedError)
-                else exc
-            )
-            failed = True
-        else:
-            failed = False
-    if failed:
-        if tracker is not None:
-            for note in tracker.finish(
-                "FAILED" if not isinstance(error, KeyboardInterrupt) else "KILLED", None, None
-            ):
-                log(note)
-        raise error
+    except ray.train.TrainingFailedError as exc:
+        raise explain(exc, run.prepared) from None
+    except SystemExit:  # Ray Train's own Ctrl-C handler exits once it has aborted the run
+        raise Stopped(signal.SIGINT) from None
     history = printer.events
     model_dir = export_final(result, config) if export else None
     checkpoint = result.checkpoint.path if result.checkpoint else None

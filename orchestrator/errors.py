@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "ConnectionLost",
     "DataError",
     "JobsError",
     "RunError",
@@ -18,6 +19,10 @@ class RunError(Exception):
 
 class TrainingFailed(Exception):
     """Training started and failed (exit code 1)."""
+
+
+class ConnectionLost(Exception):
+    """The cluster stopped answering part-way through following a job (exit code 1)."""
 
 
 class SmokeFailed(TrainingFailed):

@@ -9,7 +9,6 @@ dotted field, what was wrong and what is allowed.
 from __future__ import annotations
 
 import difflib
-import re
 import types
 import typing
 from collections.abc import Iterable, Sequence
@@ -21,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
+from orchestrator.bounded_yaml import MAX_FILE_BYTES, YAMLLimitError, parse
 from orchestrator.spec import SpecFieldError, WorkloadSpec
 
 __all__ = ["Problem", "SpecError", "load_workload", "parse_override"]
@@ -50,28 +50,6 @@ class SpecError(Exception):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `3e-4` as a float (YAML 1.1 insists on `3.0e-4`)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
-
-
 # Where each key path was last set: (file or --set text, 1-based line or None).
 Sources = dict[Key, tuple[str, int | None]]
 
@@ -99,7 +77,9 @@ def parse_override(item: str) -> tuple[Key, Any]:
             [Problem(f"--set {item}", "", "expected dotted.key=value, e.g. train.max_steps=100")]
         )
     try:
-        value = _yaml(raw) if raw.strip() else ""
+        value = parse(raw)[0] if raw.strip() else ""
+    except YAMLLimitError as exc:
+        raise SpecError([Problem(f"--set {item}", key, f"value {exc.problem}")]) from None
     except yaml.YAMLError as exc:
         raise SpecError(
             [Problem(f"--set {item}", key, f"value is not valid YAML: {exc}")]
@@ -186,21 +166,30 @@ def _read(path: Path) -> tuple[dict[str, Any], Sources]:
     if path.is_dir():
         raise SpecError([Problem(src, "", "is a directory; give a workload .yaml file")])
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:  # a bounded read: the path may be /dev/zero or a FIFO
+            raw = file.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise SpecError([Problem(src, "", f"cannot be read: {exc.strerror}")]) from None
+    if len(raw) > MAX_FILE_BYTES:
+        limit = f"{MAX_FILE_BYTES >> 20} MiB"
+        raise SpecError(
+            [Problem(src, "", f"is over {limit}; a workload file may be {limit} at most")]
+        )
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise SpecError(
             [Problem(src, "", "is not UTF-8 text; is it really a YAML file?")]
         ) from None
-    except OSError as exc:
-        raise SpecError([Problem(src, "", f"cannot be read: {exc.strerror}")]) from None
     try:
-        node = yaml.compose(text, Loader=_Loader)
-        data = _yaml(text)
+        data, node = parse(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError([Problem(src, "", f"invalid YAML: {problem}", line)]) from None
+        if not isinstance(exc, YAMLLimitError):
+            problem = f"invalid YAML: {problem}"
+        raise SpecError([Problem(src, "", problem, line)]) from None
     if data is None:
         raise SpecError(
             [Problem(src, "", "is empty; a workload needs at least name, model and data")]

@@ -200,11 +200,34 @@ class LogitsOnly(nn.Module):
         return self.model(input_ids).logits
 
 
-def load_exported(directory: str | Path) -> nn.Module:
-    """Load an exported model (model.json, state_dict.pt) with plain torch: no Ray or DeepSpeed."""
+def load_exported(directory: str | Path, *, trust_custom_code: bool = False) -> nn.Module:
+    """Load an exported model (model.json, state_dict.pt) with plain torch: no Ray or DeepSpeed.
+
+    A `custom` model is built by calling the function model.json names, so loading one runs
+    code chosen by whoever wrote the file: refused unless `trust_custom_code` (an export of
+    your own). Built-in kinds only read weights, with `weights_only=True`.
+    """
     directory = Path(directory)
-    meta = json.loads((directory / "model.json").read_text())
-    model = build_model(meta["model"], DataInfo(**meta["data"]))
+    where = directory / "model.json"
+    try:
+        meta = json.loads(where.read_text())
+        section = _section(meta["model"])
+        data = DataInfo(**meta["data"])
+    except (ValueError, KeyError, TypeError) as exc:  # pydantic's errors are ValueErrors
+        raise ModelError(f"{where}: not an orch model export ({_first_line(exc)})") from None
+    if isinstance(section, CustomModel) and not trust_custom_code:
+        raise ModelError(
+            f"{where}: a custom model, built by calling {section.build!r}; load it with "
+            "trust_custom_code=True only if you trust where this export came from"
+        )
+    if getattr(section, "pretrained", None):  # the weights are in state_dict.pt
+        section = section.model_copy(update={"pretrained": None})
+    model = build_model(section, data)
     state = torch.load(directory / "state_dict.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

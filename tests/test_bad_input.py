@@ -164,7 +164,7 @@ CASES: list[tuple[str, str, list[str], list[str]]] = [
         "bad-name",
         "name: my run!\nmodel: {kind: cnn}\ndata: {train: x}\n",
         [],
-        ["bad.yaml:1", "name", "pattern"],
+        ["bad.yaml:1", "name", "not a valid name", "letters, digits"],
     ),
     (
         "bad-custom-import-path",

@@ -64,10 +64,11 @@ def test_cache_is_reused_and_keyed_by_everything_that_matters(
 ) -> None:
     spec = shakespeare(shared_data, tmp_path)
     first = prepare(spec)
-    stamp = (Path(first.root) / "manifest.json").stat().st_mtime_ns
+    manifest = Path(first.root).parent / "manifest.json"  # beside the attempt it names
+    stamp = manifest.stat().st_mtime_ns
     again = prepare(spec)
     assert again.root == first.root
-    assert (Path(first.root) / "manifest.json").stat().st_mtime_ns == stamp  # not rebuilt
+    assert manifest.stat().st_mtime_ns == stamp  # not rebuilt
     roots = {first.root}
     for change in (
         {"tokenizer": {"kind": "wordpiece", "vocab_size": 600}},
@@ -98,10 +99,10 @@ def test_changed_source_is_never_reused(tmp_path: Path) -> None:
 def test_interrupted_preparation_is_rebuilt(shared_data: Path, tmp_path: Path) -> None:
     spec = shakespeare(shared_data, tmp_path)
     first = prepare(spec)
-    (Path(first.root) / "manifest.json").unlink()  # as if killed before the manifest was written
+    (Path(first.root).parent / "manifest.json").unlink()  # as if killed before it was written
     (Path(first.root) / "train" / "part-00000.parquet").write_bytes(b"half a file")
     rebuilt = prepare(spec)
-    assert rebuilt.root == first.root
+    assert rebuilt.root != first.root  # the unfinished attempt is never used
     assert all_rows(rebuilt, "train").num_rows == first.manifest["splits"]["train"]["rows"]
 
 

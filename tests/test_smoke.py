@@ -190,6 +190,7 @@ def test_every_shipped_workload_smoke_runs(
         (["tune", "{sweep}"], "tune"),
         (["tune", "{sweep}", "--smoke"], "smoke"),
         (["submit", "{w}"], "submit"),
+        (["submit", "{w}", "--dry-run"], "plan_submit"),
         (["status", "raysubmit_1"], "status"),
         (["logs", "raysubmit_1"], "logs"),
         (["logs", "raysubmit_1", "--follow"], "logs"),

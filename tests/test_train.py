@@ -193,6 +193,16 @@ def test_rerun_resumes_instead_of_starting_over(
     finished = run_workload(tiny_cnn(shared_data, data_cache, tmp_path, "train.max_steps=8"))
     assert finished.history == []  # nothing left to do; the finished run is kept
     assert finished.checkpoint == again.checkpoint
+    # A damaged newest manifest (a full disk, a copy cut short): Ray Train still hands that
+    # checkpoint to the workers, which resume from the newest intact one instead.
+    assert again.checkpoint is not None
+    (Path(again.checkpoint) / "orch_checkpoint.json").write_text('{"step": 8, "ep')
+    repaired = run_workload(tiny_cnn(shared_data, data_cache, tmp_path, "train.max_steps=8"))
+    assert _steps(repaired.history) == [6, 8]  # from step 4, the newest intact checkpoint
+    assert (
+        json.loads((Path(repaired.checkpoint or "") / "orch_checkpoint.json").read_text())["step"]
+        == 8
+    )  # written whole again
 
 
 @pytest.mark.timeout(600)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from orchestrator.load import load_workload
 from orchestrator.models import DataInfo, ModelError, build_model, config_hash, resolve_custom
 from orchestrator.plan import PlanError, check_data_cpus, count_parameters, memory_per_worker
 from orchestrator.spec import (
@@ -20,6 +22,8 @@ from orchestrator.spec import (
 )
 from orchestrator.train.checkpoint import CheckpointMismatch, Manifest
 from orchestrator.train.engines import accumulation_steps, deepspeed_config, lr_lambda
+
+WORKLOADS = Path(__file__).parents[1] / "workloads"
 
 
 def test_deepspeed_config_from_spec() -> None:
@@ -175,3 +179,55 @@ def test_config_hash_ignores_dropout_but_not_shape() -> None:
         a.model_copy(update={"num_layers": 2}), DataInfo(vocab_size=9)
     )
     assert config_hash(a, DataInfo(vocab_size=9)) != config_hash(a, DataInfo(vocab_size=10))
+
+
+def test_damaged_checkpoint_is_passed_over_for_the_newest_intact(tmp_path: Path) -> None:
+    import ray.train
+
+    from orchestrator.train.checkpoint import write_manifest
+    from orchestrator.train.session import checkpoint_dirs, intact_checkpoint
+    from orchestrator.train.trainer import resumable_checkpoint
+
+    spec = load_workload(WORKLOADS / "local" / "mnist_cnn.yaml")
+    run_dir = tmp_path / "runs" / spec.name
+    for step in (2, 4, 6):
+        (run_dir / f"step-{step:08d}").mkdir(parents=True)
+        write_manifest(
+            str(run_dir / f"step-{step:08d}"), Manifest(step, 0, step, 1, None, "fp32", "h", {})
+        )
+    (run_dir / "step-00000006" / "orch_checkpoint.json").write_text('{"step": 6, "epo')  # cut
+    (run_dir / "step-00000004" / "orch_checkpoint.json").write_text("")  # a full disk
+    assert checkpoint_dirs(str(run_dir)) == [str(run_dir / "step-00000002")]
+    # The driver checks, and skips to, the newest intact checkpoint...
+    assert resumable_checkpoint(str(tmp_path / "runs"), spec.name, spec, "h") == (
+        str(run_dir / "step-00000002"),
+        2,
+    )
+    # ...and a worker handed the damaged newest one by Ray Train resumes from the same.
+    chosen = intact_checkpoint(ray.train.Checkpoint(str(run_dir / "step-00000006")))
+    assert chosen is not None and chosen.path == str(run_dir / "step-00000002")
+    (run_dir / "step-00000002" / "orch_checkpoint.json").write_text("null")
+    assert intact_checkpoint(ray.train.Checkpoint(str(run_dir / "step-00000006"))) is None
+
+
+def test_crafted_export_cannot_run_code(tmp_path: Path) -> None:
+    from orchestrator.models import load_exported
+
+    planted = tmp_path / "planted"
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.json").write_text(
+        json.dumps(
+            {
+                "model": {"kind": "custom", "build": "os:makedirs", "args": {"name": str(planted)}},
+                "data": {},
+            }
+        )
+    )
+    torch.save({}, export / "state_dict.pt")
+    with pytest.raises(ModelError, match=r"custom model, built by calling 'os:makedirs'"):
+        load_exported(export)
+    assert not planted.exists()
+    (export / "model.json").write_text('{"model": {"kind": "bert_mlm"')
+    with pytest.raises(ModelError, match="not an orch model export"):
+        load_exported(export)

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from orchestrator.sweeps.trial import _final_report
-from orchestrator.train.checkpoint import MANIFEST
+from orchestrator.train.checkpoint import Manifest, write_manifest
 from orchestrator.train.session import REPORT, TrialSession, checkpoint_dirs
 
 
@@ -20,7 +19,7 @@ def _checkpoint(tmp: Path, step: int) -> str:
     (directory / "zero").mkdir(parents=True)
     (directory / "zero" / "shard.pt").write_bytes(b"shard")
     (directory / "state.pt").write_bytes(b"state %d" % step)
-    (directory / MANIFEST).write_text(json.dumps({"step": step}))
+    write_manifest(str(directory), Manifest(step, 0, step, 1, None, "fp32", "hash", {}))
     return str(directory)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,6 +12,8 @@ from typing import NoReturn
 import typer
 
 from orchestrator.load import SpecError
+from orchestrator.masking import mask
+from orchestrator.stopping import Stopped
 
 __all__ = [
     "EXIT_CODES",
@@ -19,6 +22,7 @@ __all__ = [
     "error_lines",
     "exit_code",
     "exit_on_error",
+    "exit_on_stop",
     "fail",
     "print_error",
 ]
@@ -58,9 +62,9 @@ def error_lines(error: Exception, where: Path | str | None = None) -> list[str]:
 
 
 def print_error(*lines: str) -> None:
-    """Print `lines` in red on stderr."""
+    """Print `lines` in red on stderr, masked: the last guard for a secret in an error's text."""
     for line in lines:
-        typer.secho(line, fg="red", err=True)
+        typer.secho(mask(line), fg="red", err=True)
 
 
 def fail(*lines: str, code: int = INVALID_INPUT, hint: str = "") -> NoReturn:
@@ -69,6 +73,16 @@ def fail(*lines: str, code: int = INVALID_INPUT, hint: str = "") -> NoReturn:
     if hint:
         typer.secho(hint, err=True)
     raise typer.Exit(code)
+
+
+@contextmanager
+def exit_on_stop(hint: str = "") -> Iterator[None]:
+    """Ctrl-C or SIGTERM stopped the command: say so, then `hint`, and exit 128 + the signal."""
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        stopped = stop if isinstance(stop, Stopped) else Stopped(signal.SIGINT)
+        fail(str(stopped), code=stopped.exit_code, hint=hint)
 
 
 @contextmanager

@@ -21,9 +21,11 @@ from orchestrator.cli.options import (
 )
 from orchestrator.cli.output import table
 from orchestrator.cli.workloads import load_spec, run
+from orchestrator.errors import ConnectionLost
+from orchestrator.masking import mask
 
 if TYPE_CHECKING:
-    pass
+    from orchestrator.jobs import SubmitPlan
 
 __all__ = ["job_run", "list_jobs", "logs", "status", "stop", "submit"]
 
@@ -53,9 +55,22 @@ def submit(
         ),
     ] = False,
     no_tracking: NoTrackingOption = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print what would be sent (files, what is left out and why, entrypoint, env "
+            "var names, resources) without contacting the cluster.",
+        ),
+    ] = False,
 ) -> None:
     """Run a workload on a Ray cluster as a Ray job (validated and fit-checked here first)."""
     spec = load_spec(file, overrides)
+    if dry_run:
+        with exit_on_error(file):
+            plan = api.plan_submit(spec, name=name, tracking=not no_tracking)
+        _print_plan(plan)
+        return
     with exit_on_error(file):
         job = api.submit(
             spec,
@@ -73,7 +88,8 @@ def submit(
     if job.mlflow_run_id:
         typer.echo(f"  MLflow run: {job.mlflow_run_id}")
     if not follow:
-        typer.echo(f"  follow with: orch logs {job.job_id} --follow --address {job.cluster.url}")
+        address = mask(job.cluster.url)
+        typer.echo(f"  follow with: orch logs {job.job_id} --follow --address {address}")
         return
     _follow(job.cluster.url, job.job_id)
 
@@ -155,6 +171,35 @@ def job_run(
         )
 
 
+def _print_plan(plan: SubmitPlan) -> None:
+    upload = plan.upload
+    typer.echo("dry run: nothing was sent; the cluster was not contacted")
+    typer.echo(f"entrypoint: {plan.entrypoint}")
+    each = ", ".join(f"{k} {v:g}" for k, v in plan.resources_per_worker.items()) or "nothing"
+    typer.echo(f"workers: {plan.num_workers}, each with {each}")
+    typer.echo(f"env vars (names only): {', '.join(plan.env_vars)}")
+    if plan.pip:
+        typer.echo(f"pip: {' '.join(plan.pip)}")
+    typer.echo(
+        f"upload {upload.root}: {len(upload.sent)} files, {_size(upload.size_bytes)} uncompressed"
+    )
+    width = max((len(_size(size)) for _, size in upload.sent), default=0)
+    for path, size in upload.sent:
+        typer.echo(f"  {_size(size).rjust(width)}  {path}")
+    typer.echo(f"left out ({len(upload.left_out)}):")
+    for entry in upload.left_out:
+        count = f", {entry.files} files" if entry.path.endswith("/") and entry.files else ""
+        typer.echo(f"  {entry.path}  ({entry.rule}{count})")
+    for note in plan.notes:
+        typer.secho(f"warning: {note}", fg="yellow", err=True)
+
+
+def _size(size: int) -> str:
+    if size < 1024:
+        return f"{size} B"
+    return f"{size / 1024:.1f} KiB" if size < 2**20 else f"{size / 2**20:.1f} MiB"
+
+
 def _follow(address: str | None, job_id: str) -> None:
     """Stream a job's logs; exit 0 if it succeeds, 1 if it fails or stops."""
     try:
@@ -169,6 +214,8 @@ def _follow(address: str | None, job_id: str) -> None:
     except KeyboardInterrupt:
         typer.echo(f"\nstopped following; {job_id} keeps running (orch stop {job_id} stops it)")
         raise typer.Exit(130) from None
+    except ConnectionLost as exc:
+        fail(f"error: {exc}", code=TRAINING_FAILED)
     typer.echo(f"{job_id}: {state.status}")
     if state.status != "SUCCEEDED":
         if state.message:

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
 
 from orchestrator import api
-from orchestrator.cli.errors import error_lines, exit_on_error, fail, print_error
+from orchestrator.cli.errors import error_lines, exit_on_error, exit_on_stop, fail, print_error
 from orchestrator.cli.options import (
     NoTrackingOption,
     RayAddressOption,
@@ -24,6 +23,7 @@ from orchestrator.cli.options import (
 )
 from orchestrator.cli.output import Progress
 from orchestrator.load import SpecError
+from orchestrator.masking import mask, public_yaml
 from orchestrator.spec import WorkloadSpec
 
 __all__ = ["data_prepare", "load_spec", "run", "schema", "show", "tune", "validate"]
@@ -54,9 +54,10 @@ def validate(
 
 
 def show(file: WorkloadArgument, overrides: SetOption = None) -> None:
-    """Print the fully resolved workload (extends, --set and defaults applied) as YAML."""
+    """Print the fully resolved workload (extends, --set and defaults applied) as YAML, with
+    env var values and credentials masked."""
     spec = load_spec(file, overrides)
-    typer.echo(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), nl=False)
+    typer.echo(public_yaml(spec), nl=False)
 
 
 def schema() -> None:
@@ -106,8 +107,9 @@ def run(
         _sweep(file, spec, address, name, None, verbose, not no_tracking)
         return
     hint = "rerun with --verbose for Ray's logs; checkpoints are kept"
+    stopped = "the checkpoints are kept: run it again to resume"
     # The progress line ends before an error is printed.
-    with exit_on_error(file, hint=hint), Progress() as progress:
+    with exit_on_stop(stopped), exit_on_error(file, hint=hint), Progress() as progress:
         result = api.run(
             spec,
             address=address,
@@ -170,7 +172,7 @@ def _sweep(
     from orchestrator.sweeps import summary_lines
 
     hint = "rerun with --verbose for Ray's logs; --resume continues it"
-    with exit_on_error(file, failed="sweep failed", hint=hint):
+    with exit_on_stop(), exit_on_error(file, failed="sweep failed", hint=hint):
         result = api.tune(
             spec,
             address=address,
@@ -227,7 +229,7 @@ def _smoke(
         typer.echo(f"  {stage.name}: {stage.detail}")
     if result.generated:
         typer.secho(
-            f"  trained on GENERATED data: {', '.join(g.uri for g in result.generated)} "
+            f"  trained on GENERATED data: {', '.join(mask(g.uri) for g in result.generated)} "
             "could not be reached",
             fg="yellow",
         )

@@ -1,10 +1,11 @@
 """Raw data -> cached, sharded Parquet: tokenized and packed text, or images with labels.
 
-A prepared dataset lives in `<cache_dir>/<source>-<key>/` with `train/` and `eval/` shards,
-`tokenizer.json` for text and `manifest.json`, which is written last: a directory without a
-manifest is an interrupted preparation and is rebuilt, never used. The key hashes the source
-fingerprint and every setting that changes the output, so a changed tokenizer or setting makes
-a new entry instead of reusing a stale one.
+A prepared dataset lives in `<cache_dir>/<source>-<key>/`: `manifest.json`, written last
+(atomically), names the `attempt-<id>/` directory holding `train/` and `eval/` shards and
+`tokenizer.json` for text. An attempt without a manifest naming it is unfinished (or lost a race
+to another preparation of the same data) and is never used; a damaged manifest is rebuilt.
+The key hashes the source fingerprint and every setting that changes the output, so a changed
+tokenizer or setting makes a new entry instead of reusing a stale one.
 
 This module is the cache-keyed driver: `formats.FORMATS` says how each format is read,
 `text.py` and `images.py` turn a source of their kind into shards (`shards.py`).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,24 +78,26 @@ def prepare(
     key = _cache_key(settings, source, eval_source, data)
     fs, cache_root = _cache_location(data.cache_dir)
     root = f"{cache_root}/{_slug(source.uri)}-{key[:16]}"
-    manifest_path = f"{root}/{MANIFEST}"
-    if fs.get_file_info(manifest_path).type == pafs.FileType.File:
-        with fs.open_input_stream(manifest_path) as f:
-            manifest = json.loads(f.read())
-        log(f"reusing prepared data {root}")
-        return PreparedData(root, fs, manifest)
-    if fs.get_file_info(root).type != pafs.FileType.NotFound:
-        fs.delete_dir(root)  # an interrupted earlier preparation
+    if (ready := _ready(fs, root, log)) is not None:
+        log(f"reusing prepared data {ready.root}")
+        return ready
+    # Each preparation writes into a directory of its own and never deletes another's: two
+    # preparations of one corpus at once both finish, and the first manifest wins.
+    attempt = f"attempt-{secrets.token_hex(6)}"
     log(f"preparing {source.uri} ({fmt_name}) into {root}")
-    fs.create_dir(root, recursive=True)
+    fs.create_dir(f"{root}/{attempt}", recursive=True)
     started = time.monotonic()
-    if isinstance(fmt, TextFormat):
-        from orchestrator.ray_session import ray_session
+    try:
+        if isinstance(fmt, TextFormat):
+            from orchestrator.ray_session import ray_session
 
-        with ray_session(ray_address, verbose):
-            manifest = prepare_text(data, fmt, source, eval_source, fs, root)
-    else:
-        manifest = prepare_images(data, fmt, source, eval_source, fs, root)
+            with ray_session(ray_address, verbose):
+                manifest = prepare_text(data, fmt, source, eval_source, fs, f"{root}/{attempt}")
+        else:
+            manifest = prepare_images(data, fmt, source, eval_source, fs, f"{root}/{attempt}")
+    except BaseException:
+        fs.delete_dir(f"{root}/{attempt}")  # an interrupted preparation leaves nothing behind
+        raise
     manifest.update(
         version=FORMAT_VERSION,
         cache_key=key,
@@ -104,13 +108,39 @@ def prepare(
         eval_fingerprint=eval_source.fingerprint if eval_source else None,
         settings=settings,
         seconds=round(time.monotonic() - started, 2),
+        dir=attempt,
     )
-    write_file(fs, manifest_path, json.dumps(manifest, indent=2))  # last: marks it complete
+    if (ready := _ready(fs, root, log)) is not None:  # another preparation finished first
+        fs.delete_dir(f"{root}/{attempt}")
+        log(f"using the same data prepared meanwhile in {ready.root}")
+        return ready
+    write_file(fs, f"{root}/{MANIFEST}", json.dumps(manifest, indent=2))  # last: marks it done
     log(
         f"prepared {manifest['splits']['train']['rows']} train / "
         f"{manifest['splits']['eval']['rows']} eval rows in {manifest['seconds']} s"
     )
-    return PreparedData(root, fs, manifest)
+    return PreparedData(f"{root}/{attempt}", fs, manifest)
+
+
+def _ready(fs: pafs.FileSystem, root: str, log: Callable[[str], None]) -> PreparedData | None:
+    """The finished preparation in `root`, if any. A damaged manifest (cut short, edited) is
+    reported and ignored, so the data is prepared again instead of every run failing."""
+    path = f"{root}/{MANIFEST}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        text = f.read()
+    try:
+        manifest = json.loads(text)
+        rows = manifest["splits"]["train"]["rows"]
+        folder = manifest.get("dir", "")
+        if not isinstance(rows, int) or not isinstance(folder, str) or "/" in folder:
+            raise ValueError(path)
+    except (ValueError, KeyError, TypeError):
+        log(f"warning: {path} is damaged (cut short or edited); preparing the data again")
+        return None
+    # Caches from before attempt directories hold their shards in `root` itself.
+    return PreparedData(f"{root}/{folder}" if folder else root, fs, manifest)
 
 
 # --------------------------------------------------------------------------- cache

@@ -10,6 +10,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from orchestrator.files import write_atomic
+
 __all__ = ["ShardWriter", "held_out", "image_schema", "text_schema", "write_file"]
 
 
@@ -65,5 +67,10 @@ def held_out(sample_id: int, fraction: float) -> bool:
 
 
 def write_file(fs: pafs.FileSystem, path: str, text: str) -> None:
+    """Write a small file whole or not at all: an object store's put is atomic already, a local
+    file is written beside and renamed."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        write_atomic(path, text)
+        return
     with fs.open_output_stream(path) as f:
         f.write(text.encode())

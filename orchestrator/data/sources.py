@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from orchestrator.errors import DataError
+from orchestrator.masking import mask
 
 __all__ = ["DataError", "Source", "find_source"]
 
@@ -38,7 +39,7 @@ def find_source(uri: str) -> Source:
     base, pattern = _split_glob(path)
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.NotFound:
-        raise DataError(f"{uri}: no such file or directory")
+        raise DataError(f"{mask(uri)}: no such file or directory")
     if info.type == pafs.FileType.File and pattern is None:
         infos = [info]
     else:
@@ -51,7 +52,7 @@ def find_source(uri: str) -> Source:
         ]
     infos.sort(key=lambda i: i.path)
     if not infos:
-        raise DataError(f"{uri}: no files found")
+        raise DataError(f"{mask(uri)}: no files found")
     digest = hashlib.sha256()
     for i in infos:
         mtime = i.mtime_ns if i.mtime_ns is not None else 0
@@ -72,7 +73,7 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         try:
             return pafs.FileSystem.from_uri(_strip_glob_for_uri(uri)[0])[0], _uri_path(uri)
         except (pa.ArrowInvalid, OSError, ValueError) as exc:
-            raise DataError(f"{uri}: cannot open this location: {exc}") from None
+            raise DataError(mask(f"{uri}: cannot open this location: {exc}")) from None
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 

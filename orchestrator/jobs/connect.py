@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import JobsError
+from orchestrator.masking import mask
 
 __all__ = [
     "Cluster",
@@ -49,18 +50,18 @@ def _dashboard_url(value: str, source: str) -> str:
     value = value.strip().rstrip("/")
     if value.startswith("ray://"):
         raise JobsError(
-            f"{source} is {value!r}, a Ray Client address; orch submits through the Jobs API: "
-            f"use the dashboard address, http://HOST:{DASHBOARD_PORT}"
+            f"{source} is {mask(value)!r}, a Ray Client address; orch submits through the Jobs "
+            f"API: use the dashboard address, http://HOST:{DASHBOARD_PORT}"
         )
     if value in ("auto", "local"):
         raise JobsError(
-            f"{source} is {value!r}; give the cluster's dashboard address, "
+            f"{source} is {mask(value)!r}; give the cluster's dashboard address, "
             f"http://HOST:{DASHBOARD_PORT}"
         )
     if "://" not in value:
         value = f"http://{value}"
     if not value.startswith(("http://", "https://")):
-        raise JobsError(f"{source} {value!r}: use http://HOST:PORT or https://HOST:PORT")
+        raise JobsError(f"{source} {mask(value)!r}: use http://HOST:PORT or https://HOST:PORT")
     return value
 
 
@@ -84,14 +85,17 @@ def find_token() -> tuple[str | None, str]:
     return None, "no token"
 
 
-@dataclass
+@dataclass(repr=False)
 class Cluster:
     """A connected cluster: the Jobs client and the State API client, both carrying the token."""
 
-    url: str
+    url: str  # may carry credentials: `mask` it to show it
     jobs: Any  # ray.job_submission.JobSubmissionClient
-    headers: dict[str, str]
+    headers: dict[str, str]  # the token
     authenticated: bool  # False only when --allow-insecure let an open cluster through
+
+    def __repr__(self) -> str:
+        return f"Cluster(url={mask(self.url)!r}, authenticated={self.authenticated})"
 
     def state(self) -> Any:
         from ray.util.state.api import StateApiClient
@@ -101,7 +105,8 @@ class Cluster:
         )
 
     def job_url(self, submission_id: str) -> str:
-        return f"{self.url}/#/jobs/{submission_id}"
+        """The job's page in the dashboard, fit to show."""
+        return mask(f"{self.url}/#/jobs/{submission_id}")
 
 
 def connect(
@@ -109,11 +114,12 @@ def connect(
 ) -> Cluster:
     """Connect to the Jobs API with the token; refuse an open cluster unless allowed."""
     url, source = resolve_address(flag_address, workload_address)
+    shown = mask(url)
     open_api = _accepts_anonymous(url, source)
     token, token_source = find_token()
     if open_api and not allow_insecure:
         raise JobsError(
-            f"the cluster at {url} accepts job submissions without authentication: anyone who "
+            f"the cluster at {shown} accepts job submissions without authentication: anyone who "
             "can reach it can run code on it. Start it with token auth (RAY_AUTH_MODE=token "
             "ray start --head ...; see cluster/README.md), or pass --allow-insecure if the "
             "cluster is only reachable by you"
@@ -121,7 +127,7 @@ def connect(
     headers = {"Authorization": f"Bearer {token}"} if token and not open_api else {}
     if not open_api and not token:
         raise JobsError(
-            f"the cluster at {url} requires Ray's auth token and none was found: set "
+            f"the cluster at {shown} requires Ray's auth token and none was found: set "
             "RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file holding it (on the head node, "
             "`ray get-auth-token` prints it)"
         )
@@ -132,12 +138,14 @@ def connect(
         client = JobSubmissionClient(url, headers=headers)
     except AuthenticationError:
         raise JobsError(
-            f"the cluster at {url} rejected the token from {token_source}: use the cluster's "
+            f"the cluster at {shown} rejected the token from {token_source}: use the cluster's "
             "token (on the head node, `ray get-auth-token` prints it) in RAY_AUTH_TOKEN or "
             "RAY_AUTH_TOKEN_PATH"
         ) from None
     except ConnectionError as exc:
-        raise JobsError(f"cannot reach the Ray dashboard at {url} ({source}): {exc}") from None
+        raise JobsError(
+            mask(f"cannot reach the Ray dashboard at {url} ({source}): {exc}")
+        ) from None
     return Cluster(url=url, jobs=client, headers=headers, authenticated=not open_api)
 
 
@@ -149,15 +157,15 @@ def _accepts_anonymous(url: str, source: str) -> bool:
         response = requests.get(f"{url}/api/jobs/", timeout=_PROBE_TIMEOUT_S)
     except requests.RequestException as exc:
         raise JobsError(
-            f"cannot reach the Ray dashboard at {url} ({source}): {type(exc).__name__}; check "
-            f"the address (the dashboard listens on port {DASHBOARD_PORT} by default) and that "
-            "the cluster is up"
+            f"cannot reach the Ray dashboard at {mask(url)} ({source}): {type(exc).__name__}; "
+            f"check the address (the dashboard listens on port {DASHBOARD_PORT} by default) and "
+            "that the cluster is up"
         ) from None
     if response.status_code in (401, 403):
         return False
     if response.ok:
         return True
     raise JobsError(
-        f"{url} ({source}) answered HTTP {response.status_code} on the Jobs API; is this a Ray "
-        f"dashboard address (default port {DASHBOARD_PORT})?"
+        f"{mask(url)} ({source}) answered HTTP {response.status_code} on the Jobs API; is this a "
+        f"Ray dashboard address (default port {DASHBOARD_PORT})?"
     )

@@ -9,11 +9,25 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from orchestrator.errors import ConnectionLost
 from orchestrator.jobs.connect import Cluster, JobsError
+from orchestrator.masking import mask
 
 __all__ = ["JobStatus", "follow_logs", "job_status", "list_jobs", "stop_job", "waiting_reason"]
 
 _WAIT_CHECK_S = 5.0  # how often `logs --follow` looks for a reason the job waits
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """What Ray's job client raises when the cluster goes away: aiohttp's errors from the log
+    stream, requests' from status calls; RuntimeError is how it reports an HTTP 5xx."""
+    import aiohttp
+    import requests
+
+    return (aiohttp.ClientError, requests.RequestException, ConnectionError, RuntimeError)
+
+
+_CONNECTION_ERRORS = _connection_errors()
 
 
 @dataclass
@@ -99,8 +113,26 @@ def waiting_reason(cluster: Cluster, info: Any, status: str) -> str | None:
 def follow_logs(
     cluster: Cluster, job_id: str, write: Callable[[str], None], note: Callable[[str], None]
 ) -> JobStatus:
-    """Stream the job's logs until it ends, noting when (and why) it waits for resources."""
+    """Stream the job's logs until it ends, noting when (and why) it waits for resources.
+
+    Raises ConnectionLost when the cluster stops answering part-way (the head node restarted,
+    the network went): the job may well go on, so that is said, not a traceback.
+    """
     job_status(cluster, job_id)  # an unknown id fails here, before streaming
+    try:
+        return _follow(cluster, job_id, write, note)
+    except _CONNECTION_ERRORS as exc:
+        reason = mask(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        raise ConnectionLost(
+            f"lost the connection to the cluster at {mask(cluster.url)} while following "
+            f"{job_id} ({reason}); the job may still be running: `orch status {job_id}` "
+            "says, once the cluster answers again"
+        ) from None
+
+
+def _follow(
+    cluster: Cluster, job_id: str, write: Callable[[str], None], note: Callable[[str], None]
+) -> JobStatus:
 
     async def tail() -> None:
         stream = cluster.jobs.tail_job_logs(job_id).__aiter__()
@@ -175,7 +207,8 @@ def _info(cluster: Cluster, job_id: str) -> Any:
     except RuntimeError as exc:  # Ray's client raises RuntimeError on HTTP 404
         if "404" in str(exc) or "does not exist" in str(exc):
             raise JobsError(
-                f"no job {job_id!r} on the cluster at {cluster.url}; `orch list` shows the jobs"
+                f"no job {job_id!r} on the cluster at {mask(cluster.url)}; `orch list` shows the "
+                "jobs"
             ) from None
         raise
 

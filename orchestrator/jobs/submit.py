@@ -10,23 +10,26 @@ from __future__ import annotations
 import secrets
 import shlex
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import unquote
 
 import yaml
 
 from orchestrator import __version__
 from orchestrator.jobs.connect import Cluster, JobsError, connect
 from orchestrator.jobs.upload import build_runtime_env
+from orchestrator.masking import mask, public_dump, secret_fields, split_userinfo
 from orchestrator.plan import Unschedulable, check_fit, worker_resources
 from orchestrator.spec import WorkloadSpec
 
 if TYPE_CHECKING:
     from orchestrator.tracking import Tracker
 
-__all__ = ["Submission", "submit"]
+__all__ = ["Submission", "check_shared_paths", "job_entrypoint", "job_workload", "submit"]
 
 ENTRYPOINT = "python -m orchestrator job-run"
 
@@ -53,14 +56,15 @@ def submit(
 ) -> Submission:
     """Submit `spec` as a Ray job; raise JobsError (with what to do) when it cannot go."""
     name = name or spec.name
-    _check_shared_paths(spec)
+    check_shared_paths(spec)
+    workload_yaml, credentials = job_workload(spec)
     cluster = connect(address, spec.cluster.address, allow_insecure)
     notes = [] if cluster.authenticated else ["the cluster accepts unauthenticated jobs"]
     if fit_check:
         notes += _check_fit(cluster, spec)
     notes += _placement_notes(spec, tracking)
-    workload_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-    upload = build_runtime_env(spec, workload_yaml, working_dir or Path.cwd())
+    upload = build_runtime_env(spec, workload_yaml, working_dir or Path.cwd(), credentials)
+    notes += upload.plan.notes
     log(
         f"uploading {upload.runtime_env['working_dir']}: {upload.files} files, "
         f"{upload.size_bytes / 2**20:.1f} MiB"
@@ -68,21 +72,20 @@ def submit(
     _quiet_ray_client()
     tracker = _start_tracking(spec, name) if tracking and spec.tracking.mlflow.enabled else None
     job_id = f"orch-{name}-{secrets.token_hex(4)}"
-    entrypoint = f"{ENTRYPOINT} --name {shlex.quote(name)}" + ("" if tracking else " --no-tracking")
+    entrypoint = job_entrypoint(name, tracking)
     metadata = {"orch.workload": spec.name, "orch.run": name, "orch.version": __version__}
     if tracker is not None:
         metadata["orch.mlflow_run"] = tracker.run_id
-    try:
-        cluster.jobs.submit_job(
-            entrypoint=entrypoint,
-            submission_id=job_id,
-            runtime_env=upload.runtime_env,
-            metadata=metadata,
-        )
-    except Exception as exc:  # the Jobs API reports runtime-env and upload problems as text
-        if tracker is not None:
-            tracker.mark("FAILED")
-        raise JobsError(f"the cluster at {cluster.url} refused the job: {exc}") from None
+    with _ended_unless_submitted(tracker):
+        try:
+            cluster.jobs.submit_job(
+                entrypoint=entrypoint,
+                submission_id=job_id,
+                runtime_env=upload.runtime_env,
+                metadata=metadata,
+            )
+        except Exception as exc:  # the Jobs API reports runtime-env and upload problems as text
+            raise JobsError(mask(f"the cluster at {cluster.url} refused the job: {exc}")) from None
     return Submission(
         job_id=job_id,
         dashboard=cluster.job_url(job_id),
@@ -90,6 +93,40 @@ def submit(
         mlflow_run_id=tracker.run_id if tracker is not None else None,
         notes=notes,
     )
+
+
+def job_entrypoint(name: str, tracking: bool) -> str:
+    """The job's command line (also what `orch submit --dry-run` shows)."""
+    return f"{ENTRYPOINT} --name {shlex.quote(name)}" + ("" if tracking else " --no-tracking")
+
+
+def job_workload(spec: WorkloadSpec) -> tuple[str, dict[str, str]]:
+    """The workload the job runs ($ORCH_WORKLOAD: YAML, masked like `orch show`), and the env
+    vars it needs beside it: the tracking URI's credentials, where MLflow reads them.
+
+    The job gets its env vars from Ray (cluster.runtime_env.env_vars), not from this copy,
+    which is logged to MLflow like any run's workload. JobsError for credentials elsewhere in
+    the workload: masked here, they would not reach the job.
+    """
+    data = spec.model_dump(mode="json")
+    mlflow = data["tracking"]["mlflow"]
+    credentials: dict[str, str] = {}
+    if mlflow["tracking_uri"]:
+        mlflow["tracking_uri"], userinfo = split_userinfo(mlflow["tracking_uri"])
+        if userinfo is not None:
+            user, _, password = userinfo.partition(":")
+            credentials = {
+                "MLFLOW_TRACKING_USERNAME": unquote(user),
+                "MLFLOW_TRACKING_PASSWORD": unquote(password),
+            }
+    # The cluster section is Ray's, applied before the job starts; the job reads the rest.
+    if found := secret_fields({k: v for k, v in data.items() if k != "cluster"}):
+        raise JobsError(
+            f"{', '.join(found)}: holds credentials, which orch does not send inside the "
+            "workload; give them to the job as env vars in cluster.runtime_env.env_vars "
+            "(e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for s3://)"
+        )
+    return yaml.safe_dump(public_dump(data), sort_keys=False), credentials
 
 
 def cluster_nodes(cluster: Cluster) -> list[dict[str, float]]:
@@ -111,7 +148,7 @@ def _check_fit(cluster: Cluster, spec: WorkloadSpec) -> list[str]:
         if _autoscales(cluster):
             return [f"the cluster cannot run this yet ({exc}); its autoscaler has to add nodes"]
         raise JobsError(
-            f"the cluster at {cluster.url} can never schedule this workload: {exc}. Change "
+            f"the cluster at {mask(cluster.url)} can never schedule this workload: {exc}. Change "
             "scaling (num_workers, resources_per_worker, use_gpu, placement_strategy), or pass "
             "--no-fit-check if nodes will join"
         ) from None
@@ -139,7 +176,7 @@ def _autoscales(cluster: Cluster) -> bool:
     )
 
 
-def _check_shared_paths(spec: WorkloadSpec) -> None:
+def check_shared_paths(spec: WorkloadSpec) -> None:
     """Refuse relative storage on a cluster: it would land in the job's working directory on
     the head node, which Ray deletes with the job's session and other nodes cannot read."""
     for field_name, value, example in (
@@ -188,5 +225,19 @@ def _start_tracking(spec: WorkloadSpec, name: str) -> Tracker | None:
         tracker = start_tracker(spec, name, "pending", Path(tempfile.gettempdir()))
     except TrackingError as exc:
         raise JobsError(str(exc)) from None
-    tracker.mark("SCHEDULED")
+    with _ended_unless_submitted(tracker):
+        tracker.mark("SCHEDULED")
     return tracker
+
+
+@contextmanager
+def _ended_unless_submitted(tracker: Tracker | None) -> Iterator[None]:
+    """The MLflow run made for a job that does not go ends at once (KILLED by Ctrl-C, else
+    FAILED): it would otherwise wait as SCHEDULED (or RUNNING) for a job that never starts."""
+    try:
+        yield
+    except BaseException as error:
+        if tracker is not None:
+            with suppress(Exception):  # the error that stopped the submit is the one to show
+                tracker.mark("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise

@@ -192,7 +192,7 @@ def _check_export(model_dir: str | None, result: SmokeResult) -> None:
     if model_dir is None or not (Path(model_dir) / "model.json").is_file():
         raise SmokeFailed(f"no model was exported (model directory: {model_dir})")
     meta = json.loads((Path(model_dir) / "model.json").read_text())
-    model = load_exported(model_dir).eval()
+    model = load_exported(model_dir, trust_custom_code=True).eval()  # this run's own
     example = torch.as_tensor(input_example(meta["model"], DataInfo(**meta["data"])))
     with torch.no_grad():
         output = model(example)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import RunError
+from orchestrator.masking import mask
 from orchestrator.spec import DataSpec, WorkloadSpec
 
 __all__ = [
@@ -81,7 +82,7 @@ class Generated:
 
     def __str__(self) -> str:
         why = self.why if len(self.why) <= 160 else self.why[:157] + "..."
-        return f"{self.uri} is unreachable ({why})"
+        return mask(f"{self.uri} is unreachable ({why})")
 
 
 @dataclass(frozen=True)

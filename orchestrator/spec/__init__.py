@@ -36,6 +36,13 @@ from orchestrator.spec.model import (
     reported_metrics,
     section_kind,
 )
+from orchestrator.spec.names import (
+    MAX_NAME_LENGTH,
+    NAME_PATTERN,
+    NAME_RULE,
+    derived_name,
+    name_problem,
+)
 from orchestrator.spec.tracking import MLflowSpec, TrackingSpec, parse_condition
 from orchestrator.spec.train import OptimizerSpec, SchedulerSpec, TrainSpec
 from orchestrator.spec.tune import (
@@ -51,7 +58,10 @@ from orchestrator.spec.workload import WorkloadSpec, workload_schema
 
 __all__ = [
     "FORMAT_INPUTS",
+    "MAX_NAME_LENGTH",
     "MODEL_SECTIONS",
+    "NAME_PATTERN",
+    "NAME_RULE",
     "STREAM_DATA_FIELDS",
     "TASK_METRICS",
     "BertMLMModel",
@@ -85,6 +95,8 @@ __all__ = [
     "TuneSchedulerSpec",
     "TuneSpec",
     "WorkloadSpec",
+    "derived_name",
+    "name_problem",
     "parse_condition",
     "reported_metrics",
     "sample_errors",

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from orchestrator.spec.base import Inputs, Problem, Section, SpecFieldError
 from orchestrator.spec.cluster import ClusterSpec
 from orchestrator.spec.data import FORMAT_INPUTS, DataSpec
 from orchestrator.spec.distributed import DeepSpeedSpec, ScalingSpec
 from orchestrator.spec.model import ModelSpec, _TransformerModel
+from orchestrator.spec.names import MAX_NAME_LENGTH, NAME_PATTERN, name_problem
 from orchestrator.spec.tracking import TrackingSpec
 from orchestrator.spec.train import TrainSpec
 from orchestrator.spec.tune import TuneSpec, sampled, tune_problems
@@ -26,8 +27,7 @@ class WorkloadSpec(Section):
 
     name: str = Field(
         description="Workload name: run names, experiment and storage paths derive from it.",
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-        max_length=100,
+        json_schema_extra={"pattern": NAME_PATTERN, "maxLength": MAX_NAME_LENGTH},
     )
     model: ModelSpec = Field(description="What to train, chosen by kind.")
     data: DataSpec = Field(description="Training and evaluation data.")
@@ -39,6 +39,13 @@ class WorkloadSpec(Section):
     tune: TuneSpec | None = Field(None, description="A hyperparameter sweep; null: a single run.")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Run tracking.")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="Where jobs go.")
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        if problem := name_problem(name):
+            raise ValueError(problem)
+        return name
 
     @model_validator(mode="after")
     def _cross_section(self) -> WorkloadSpec:

@@ -95,6 +95,7 @@ class SweepObserver:
         assert spec.tune is not None  # a sweep's workload has a tune section
         self.metric = spec.tune.metric
         self.children: dict[str, Tracker | None] = {}  # trial id -> None: could not start
+        self.ended_ids: set[str] = set()
         self.seen: set[str] = set()
         self.last: dict[str, dict[str, Any]] = {}  # trial id -> its last report
         self.notes: list[str] = []
@@ -155,8 +156,17 @@ class SweepObserver:
         else:
             how = f"stopped early at step {last.get('step', '?')}"
         self.log(f"trial {trial.trial_id} {how}")
+        self.ended_ids.add(trial.trial_id)
         if (child := self.children.get(trial.trial_id)) is not None:
             self.notes += child.finish(status, None, None)
+
+    def end_unfinished(self, status: str) -> list[str]:
+        """End the runs of the trials that have not ended (the sweep stopped); notes to show."""
+        notes = []
+        for trial_id, child in self.children.items():
+            if child is not None and trial_id not in self.ended_ids:
+                notes += child.finish(status, None, None)
+        return notes
 
 
 def _params(config: dict[str, Any]) -> str:

@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from orchestrator.errors import TrainingFailed
-from orchestrator.spec import WorkloadSpec
+from orchestrator.masking import mask, public_yaml
+from orchestrator.spec import WorkloadSpec, derived_name
 
 if TYPE_CHECKING:
     from orchestrator.tracking import Tracker
@@ -67,7 +66,8 @@ def row(result: Any, metric: str, space: dict[str, Any]) -> TrialRow:
         status=status,
         iterations=_reports(result),
         step=m.get("step"),
-        error=_error_line(result.error) if result.error is not None else None,
+        # Shown in the table and logged to MLflow: a data error can name a URI's password.
+        error=mask(_error_line(result.error)) if result.error is not None else None,
         checkpoint=m.get("checkpoint_path"),
     )
 
@@ -102,13 +102,14 @@ def finish(
     best = pick(ranked, key=lambda pair: pair[0])[1] if ranked else None
     best_file = model_dir = None
     if best is not None:
-        best_spec = spec.sampled(best.params | {"name": f"{name}-best"})
+        best_spec = spec.sampled(best.params | {"name": derived_name(name, "-best")})
         best_file = str(local / BEST_WORKLOAD)
         local.mkdir(parents=True, exist_ok=True)
         Path(best_file).write_text(
             f"# The best trial ({best.trial_id}, {metric} {best.metric:.6g}) of sweep {name},\n"
             f"# as a workload to run: orch run {best_file}\n"
-            + yaml.safe_dump(best_spec.model_dump(mode="json"), sort_keys=False)
+            "# Env var values and URI credentials are masked (***): restore them to run it.\n"
+            + public_yaml(best_spec)
         )
         if best.checkpoint:
             exported = Path(best.checkpoint).parent / "model"

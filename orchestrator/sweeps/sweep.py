@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from orchestrator.errors import RunError, TrainingFailed
+from orchestrator.errors import RunError
+from orchestrator.masking import public_dump, public_spec
 from orchestrator.spec import WorkloadSpec
+from orchestrator.stopping import Stopped, stop_signals
 from orchestrator.train.session import filesystem_of
 from orchestrator.train.trainer import PreparedRun
 
@@ -35,8 +38,8 @@ __all__ = ["SweepInterrupted", "run_sweep"]
 SWEEP_SPEC = "orch_sweep.yaml"
 
 
-class SweepInterrupted(TrainingFailed):
-    """The sweep was stopped (Ctrl-C) before its trials ended; it can be resumed."""
+class SweepInterrupted(Stopped):
+    """The sweep was stopped (Ctrl-C, SIGTERM) before its trials ended; it can be resumed."""
 
 
 def run_sweep(
@@ -55,6 +58,7 @@ def run_sweep(
     exists (what `orch run` does, as it does for runs).
     """
     from orchestrator.ray_session import ray_session
+    from orchestrator.runlock import run_lock
     from orchestrator.train.trainer import check_inputs, local_dir, storage_uri
 
     if spec.tune is None:
@@ -62,7 +66,12 @@ def run_sweep(
     started = time.monotonic()
     name = name or spec.name
     check_inputs(spec)
-    with ray_session(address, verbose):
+    # Tune ends a sweep on Ctrl-C itself, saving its state; SIGTERM is handed to it alike.
+    with (
+        stop_signals(raising=False) as received,
+        run_lock(storage_uri(spec.train.storage_path), name),
+        ray_session(address, verbose),
+    ):
         run = _prepare_and_check(spec, address, verbose, log)
         concurrency = _concurrency(spec, on_this_machine=address is None)
         path = f"{storage_uri(spec.train.storage_path)}/{name}"
@@ -74,19 +83,27 @@ def run_sweep(
         if parent is not None:
             log(f"tracking: MLflow run {parent.run_id} (one nested run per trial)")
         observer = SweepObserver(spec, name, parent, data_hash, local, log)
-        datasets = plan_splits(spec, run) if trains_in_trial(spec) else None
-        setup = TrialSetup(spec=spec, run=run, sweep_path=path, janitor=None, datasets=datasets)
-        log(
-            f"{'resuming' if restoring else 'starting'} sweep {name}: {concurrency} trial(s) "
-            f"at a time, in {path}"
-        )
-        grid = _fit(setup, observer, concurrency, restoring, verbose)
-        if unfinished := _unfinished(path):
-            raise SweepInterrupted(
-                f"sweep {name} stopped with {unfinished} trial(s) unfinished; its state is "
-                "saved: continue it with orch tune FILE --resume"
+        try:
+            datasets = plan_splits(spec, run) if trains_in_trial(spec) else None
+            setup = TrialSetup(spec=spec, run=run, sweep_path=path, janitor=None, datasets=datasets)
+            log(
+                f"{'resuming' if restoring else 'starting'} sweep {name}: {concurrency} "
+                f"trial(s) at a time, in {path}"
             )
-        rows = [row(result, spec.tune.metric, spec.tune.space) for result in grid]
+            grid = _fit(setup, observer, concurrency, restoring, verbose)
+            if unfinished := _unfinished(path):
+                raise SweepInterrupted(
+                    received[0] if received else signal.SIGINT,
+                    f"sweep {name} stopped with {unfinished} trial(s) unfinished; its state "
+                    "is saved: continue it with orch tune FILE --resume",
+                )
+            rows = [row(result, spec.tune.metric, spec.tune.space) for result in grid]
+        except BaseException as error:  # stopped or failed: its MLflow runs end all the same
+            if parent is not None:
+                status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+                for note in observer.end_unfinished(status) + parent.finish(status, None, None):
+                    log(note)
+            raise
     seconds = time.monotonic() - started
     return finish(spec, name, path, local, rows, parent, observer.notes, seconds)
 
@@ -237,9 +254,11 @@ def _check_sweep_dir(path: str, spec: WorkloadSpec, resume: bool | None) -> bool
             f"a sweep already exists at {path}; continue it with --resume, "
             "or start another with --name NEW"
         )
-    current = spec.model_dump(mode="json")
+    # Compared masked: the file is written masked, and a sweep written before masking compares
+    # all the same.
+    current = public_spec(spec)
     if exists:
-        saved = yaml.safe_load(_read(f"{path}/{SWEEP_SPEC}") or "null")
+        saved = public_dump(yaml.safe_load(_read(f"{path}/{SWEEP_SPEC}") or "null"))
         if saved is not None and saved != current:
             changed = _changed_fields(saved, current)
             raise RunError(

@@ -10,13 +10,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
+from orchestrator.masking import mask, public_spec, public_yaml
 from orchestrator.spec import MLflowSpec, WorkloadSpec
 from orchestrator.tracking.buffer import PENDING, ReportBuffer
 from orchestrator.tracking.model_log import log_model
 from orchestrator.tracking.protocol import TrackingError
-from orchestrator.tracking.server import default_tracking_uri, first_line, quick_requests, redact
+from orchestrator.tracking.server import default_tracking_uri, first_line, quick_requests
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -46,7 +45,7 @@ class MlflowTracker:
 
     @property
     def location(self) -> str:
-        return redact(self.uri)
+        return mask(self.uri)
 
     @classmethod
     def start(
@@ -71,7 +70,7 @@ class MlflowTracker:
                 run_id = _find_or_create_run(client, experiment_id, run_name, spec, data_hash)
         except Exception as exc:  # MLflow raises many kinds: connection, auth, HTTP
             raise TrackingError(
-                f"tracking: cannot use the MLflow server at {redact(uri)}: "
+                f"tracking: cannot use the MLflow server at {mask(uri)}: "
                 f"{first_line(exc)}; check tracking.mlflow.tracking_uri (and MLFLOW_TRACKING_"
                 "USERNAME/PASSWORD for a server with auth), or run with --no-tracking"
             ) from None
@@ -149,12 +148,19 @@ class MlflowTracker:
         checkpoint_dir: str | None,
         judged_on: Mapping[str, float] | None = None,
     ) -> list[str]:
-        """Flush, log artifacts and the model, register it if promoted; return notes to show."""
+        """Flush, log artifacts and the model, register it if promoted; return notes to show.
+
+        Called after the last `log`: the driver joins its progress thread first.
+        """
         notes = []
-        for _ in range(3):  # give a restarting server a little time
+        # Give a restarting server a little time, but not a stopped driver: `orch stop` kills
+        # it soon after (RAY_JOB_STOP_WAIT_TIME_S), and what is not sent must reach the file.
+        tries = 1 if status == "KILLED" else 3
+        for attempt in range(tries):
             if self.pending.flush(self.client, self.run_id, quick=False):
                 break
-            time.sleep(5)
+            if attempt + 1 < tries:
+                time.sleep(5)
         if self.pending:
             self.pending.keep(self.uri, self.run_id, status)
             fallback = self.pending.fallback
@@ -190,7 +196,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
             out.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
         return out
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return {prefix: redact(text)[:6000]}  # MLflow's limit on a param value
+    return {prefix: mask(text)[:6000]}  # MLflow's limit on a param value
 
 
 def _find_or_create_run(
@@ -213,10 +219,9 @@ def _find_or_create_run(
     tags = _tags(run_name, data_hash) | (extra_tags or {})
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
-    _log_params(client, run_id, flatten(spec.model_dump(mode="json")))
-    client.log_text(
-        run_id, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "workload.yaml"
-    )
+    # Public: a run's params and artifacts are read by everyone who can read the experiment.
+    _log_params(client, run_id, flatten(public_spec(spec)))
+    client.log_text(run_id, public_yaml(spec), "workload.yaml")
     return run_id
 
 

@@ -59,7 +59,7 @@ def log_model(
     from orchestrator.models import LogitsOnly, load_exported
 
     meta = json.loads(Path(model_dir, "model.json").read_text())
-    model = load_exported(model_dir).eval()
+    model = load_exported(model_dir, trust_custom_code=True).eval()  # this run's own
     if hasattr(model, "config"):  # transformers models return output objects, not tensors
         model = LogitsOnly(model).eval()
     example = _input_example(meta)

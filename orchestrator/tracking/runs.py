@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 
+from orchestrator.masking import mask
 from orchestrator.tracking.protocol import TrackingError
-from orchestrator.tracking.server import default_tracking_uri, first_line, quick_requests, redact
+from orchestrator.tracking.server import default_tracking_uri, first_line, quick_requests
 
 __all__ = ["recent_runs"]
 
@@ -30,7 +31,7 @@ def recent_runs(uri: str | None, experiment: str | None, limit: int) -> list[dic
                 else []
             )
     except Exception as exc:
-        raise TrackingError(f"cannot read runs from {redact(uri)}: {first_line(exc)}") from None
+        raise TrackingError(f"cannot read runs from {mask(uri)}: {first_line(exc)}") from None
     rows = []
     for run in runs:
         metrics = run.data.metrics

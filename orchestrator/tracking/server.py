@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from orchestrator.masking import mask
+
+# The old name of `mask`, kept for callers from before the masking module.
+redact = mask
 
 __all__ = ["default_tracking_uri", "first_line", "quick_requests", "redact"]
 
@@ -13,11 +17,6 @@ __all__ = ["default_tracking_uri", "first_line", "quick_requests", "redact"]
 def default_tracking_uri() -> str:
     """MLflow's own default: a SQLite store in the working directory (see `mlflow ui`)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
-
-
-def redact(uri: str) -> str:
-    """http://user:secret@host -> http://user:***@host, for anything shown or logged."""
-    return re.sub(r"(://[^:/@]+):[^@/]+@", r"\1:***@", uri)
 
 
 @contextmanager
@@ -40,6 +39,6 @@ def quick_requests(timeout: int, retries: int) -> Iterator[None]:
 
 
 def first_line(exc: BaseException) -> str:
-    """An MLflow error in one line, redacted: its messages can carry the URI's password."""
+    """An MLflow error in one line, masked: its messages can carry the URI's password."""
     text = str(exc).strip().splitlines()
-    return redact(text[0] if text else type(exc).__name__)
+    return mask(text[0] if text else type(exc).__name__)

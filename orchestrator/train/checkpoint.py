@@ -11,6 +11,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.files import write_atomic
+
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
     import ray.train
@@ -18,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CheckpointMismatch",
     "Manifest",
+    "TornCheckpoint",
     "checkpoint_manifest",
     "checkpoint_uri",
     "export_model",
@@ -32,6 +35,10 @@ MANIFEST = "orch_checkpoint.json"
 
 class CheckpointMismatch(Exception):
     """A checkpoint that does not fit the run that wants to resume from it."""
+
+
+class TornCheckpoint(CheckpointMismatch):
+    """A checkpoint whose manifest cannot be read (empty, cut short, edited): never resumed from."""
 
 
 @dataclass(frozen=True)
@@ -87,23 +94,35 @@ def library_versions() -> dict[str, str]:
 
 
 def write_manifest(directory: str, manifest: Manifest) -> None:
-    Path(directory, MANIFEST).write_text(json.dumps(asdict(manifest), indent=2))
+    # Written last and atomically: a checkpoint with a readable manifest is a whole one.
+    write_atomic(Path(directory, MANIFEST), json.dumps(asdict(manifest), indent=2))
 
 
 def read_manifest(directory: str) -> Manifest:
     path = Path(directory, MANIFEST)
     if not path.is_file():
         raise CheckpointMismatch(f"{directory} is not an orch checkpoint (no {MANIFEST})")
-    return Manifest(**json.loads(path.read_text()))
+    return _parse(path.read_bytes(), directory)
 
 
 def manifest_in(fs: pafs.FileSystem, directory: str) -> Manifest:
     """The manifest of a checkpoint directory on a pyarrow filesystem (local or remote)."""
     try:
         with fs.open_input_stream(f"{directory}/{MANIFEST}") as f:
-            return Manifest(**json.loads(f.read()))
+            return _parse(f.read(), directory)
     except FileNotFoundError:
         raise CheckpointMismatch(f"{directory} is not an orch checkpoint (no {MANIFEST})") from None
+
+
+def _parse(text: bytes, directory: str) -> Manifest:
+    try:
+        fields = json.loads(text)
+        manifest = Manifest(**fields)
+    except (ValueError, TypeError):  # not JSON, not an object, or other fields
+        raise TornCheckpoint(f"{directory}/{MANIFEST} is damaged (cut short or edited)") from None
+    if not isinstance(manifest.step, int) or not isinstance(manifest.model_config_hash, str):
+        raise TornCheckpoint(f"{directory}/{MANIFEST} is damaged (cut short or edited)")
+    return manifest
 
 
 def checkpoint_manifest(checkpoint: ray.train.Checkpoint) -> Manifest:
@@ -143,7 +162,11 @@ def export_model(checkpoint_dir: str, out_dir: str, meta: dict[str, Any]) -> str
             state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=DS_TAG)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     os.makedirs(out_dir, exist_ok=True)
-    torch.save(state, os.path.join(out_dir, "state_dict.pt"))
+    weights = Path(out_dir, "state_dict.pt")
+    partial = weights.with_name(".state_dict.pt.tmp")
+    torch.save(state, partial)
+    os.replace(partial, weights)
     meta = {**meta, "checkpoint": asdict(manifest)}
-    Path(out_dir, "model.json").write_text(json.dumps(meta, indent=2))
+    # model.json last: load_exported needs it, so a directory without it is no model at all.
+    write_atomic(Path(out_dir, "model.json"), json.dumps(meta, indent=2))
     return out_dir

@@ -37,7 +37,7 @@ from orchestrator.train.checkpoint import (
 )
 from orchestrator.train.config import WorkerConfig
 from orchestrator.train.engines import Engine, accumulation_steps, make_engine, no_grad_eval
-from orchestrator.train.session import Session, TrainSession
+from orchestrator.train.session import Session, TrainSession, intact_checkpoint
 
 if TYPE_CHECKING:
     import ray.train
@@ -85,7 +85,10 @@ def run_loop(cfg: WorkerConfig, session: Session) -> None:
     step, start_epoch, skip = 0, 0, 0
     # The run's own checkpoint (a restart) wins over the one it was started from (a sweep's
     # PBT exploit); both pass the same manifest check, before any model is built.
-    checkpoint = session.resume_from() or _initial(cfg.initial_checkpoint)
+    resumed = session.resume_from()
+    checkpoint = (intact_checkpoint(resumed) if resumed else None) or _initial(
+        cfg.initial_checkpoint
+    )
     if checkpoint is not None:
         saved = checkpoint_manifest(checkpoint)
         saved.check_resumable_by(me, f"checkpoint {checkpoint.path}")

@@ -43,7 +43,10 @@ class ProgressPrinter:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        # Joined, not waited on for a while: the tracker's finish must not drain its reports
+        # while this thread still logs them. Its wait is bounded: a report's flush times out
+        # quickly, and is not tried again soon after it did.
+        self._thread.join()
         self._drain()
 
     def _run(self) -> None:

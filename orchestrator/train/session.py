@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
-from orchestrator.train.checkpoint import MANIFEST
+from orchestrator.train.checkpoint import MANIFEST, TornCheckpoint, checkpoint_uri, manifest_in
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -35,8 +36,11 @@ __all__ = [
     "TrialSession",
     "checkpoint_dirs",
     "filesystem_of",
+    "intact_checkpoint",
     "step_dir_name",
 ]
+
+_log = logging.getLogger(__name__)
 
 REPORT = "orch_report.json"  # the metrics of the report a persisted checkpoint came with
 
@@ -177,8 +181,9 @@ def persist(directory: str, uri: str) -> None:
 
 
 def checkpoint_dirs(run_dir: str) -> list[str]:
-    """The complete checkpoints of a run directory (they have a manifest), oldest first, as
-    paths or URIs like `run_dir`."""
+    """The complete checkpoints of a run directory (they have an intact manifest), oldest first,
+    as paths or URIs like `run_dir`. A damaged one is passed over with a warning: resuming from
+    the checkpoint before it loses some steps, failing the run loses all of them."""
     import pyarrow.fs as pafs
 
     fs, root = filesystem_of(run_dir)
@@ -190,11 +195,34 @@ def checkpoint_dirs(run_dir: str) -> list[str]:
         if info.type == pafs.FileType.Directory and info.base_name.startswith("step-")
     )
     prefix = run_dir.rstrip("/")
-    return [
-        f"{prefix}/{name}"
-        for name in found
-        if fs.get_file_info(f"{root}/{name}/{MANIFEST}").type == pafs.FileType.File
-    ]
+    intact = []
+    for name in found:
+        if fs.get_file_info(f"{root}/{name}/{MANIFEST}").type != pafs.FileType.File:
+            continue  # a copy cut short: the manifest is written last
+        try:
+            manifest_in(fs, f"{root}/{name}")
+        except TornCheckpoint as exc:
+            _log.warning("skipping checkpoint %s: %s", f"{prefix}/{name}", exc)
+            continue
+        intact.append(f"{prefix}/{name}")
+    return intact
+
+
+def intact_checkpoint(checkpoint: ray.train.Checkpoint) -> ray.train.Checkpoint | None:
+    """`checkpoint`, or when its manifest is damaged the newest intact one beside it (None if
+    there is none: the run starts afresh)."""
+    import ray.train
+
+    try:
+        manifest_in(checkpoint.filesystem, checkpoint.path)
+        return checkpoint
+    except TornCheckpoint as exc:
+        _log.warning("not resuming from %s: %s", checkpoint.path, exc)
+    earlier = checkpoint_dirs(checkpoint_uri(checkpoint).rstrip("/").rsplit("/", 1)[0])
+    if not earlier:
+        return None
+    _log.warning("resuming from %s instead", earlier[-1])
+    return ray.train.Checkpoint(filesystem_of(earlier[-1])[1], filesystem=checkpoint.filesystem)
 
 
 def filesystem_of(uri: str) -> tuple[pafs.FileSystem, str]:
