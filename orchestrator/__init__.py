@@ -38,6 +38,7 @@ from orchestrator.errors import (
 )
 from orchestrator.load import Problem, SpecError, load_workload
 from orchestrator.spec import WorkloadSpec, workload_schema
+from orchestrator.stopping import Stopped
 
 try:
     __version__ = version("orch")
@@ -52,6 +53,7 @@ __all__ = [
     "RunError",
     "SmokeFailed",
     "SpecError",
+    "Stopped",
     "TrackingError",
     "TrainingFailed",
     "Workload",

@@ -13,7 +13,8 @@ A workload is a path (loaded with `overrides`, as `--set` does) or a WorkloadSpe
 `overrides` must be empty). Results are typed (RunResult, SweepResult, SmokeResult,
 Submission, JobStatus); failures raise orch's own exceptions: SpecError, RunError, DataError,
 JobsError and TrackingError for input the caller can fix, TrainingFailed (and SmokeFailed) when
-training started and failed. Nothing here imports Ray or torch until a function needs them.
+training started and failed, Stopped (a KeyboardInterrupt) when Ctrl-C or SIGTERM stopped a run
+or sweep. Nothing here imports Ray or torch until a function needs them.
 """
 
 from __future__ import annotations

@@ -79,9 +79,10 @@ def run_workload(
     # with starting Ray instead of following it.
     import_ahead(spec.model.kind, training=False)
     with (
-        stop_signals(),
         run_lock(storage_uri(spec.train.storage_path), name),
         ray_session(address, verbose),
+        # After Ray starts: its core worker installs a SIGTERM handler of its own, which aborts.
+        stop_signals() as received,
     ):
         run = prepare_run(spec, address=address, verbose=verbose, log=log)
         tracker = None
@@ -101,11 +102,14 @@ def run_workload(
         try:
             return _fit(spec, run, name, log, on_progress, started, tracker, export)
         except BaseException as error:  # stopped (Ctrl-C, SIGTERM) or failed: the run ends
+            if received and isinstance(error, KeyboardInterrupt):
+                # Ray Train ends a stopped run as if by Ctrl-C, whichever signal stopped it.
+                error = Stopped(received[0])
             if tracker is not None:
                 status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
                 for note in tracker.finish(status, None, None):
                     log(note)
-            raise
+            raise error from None
 
 
 def _fit(

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
-__all__ = ["TRAIN_SETTINGS", "ray_session"]
+import psutil
+
+__all__ = ["TRAIN_SETTINGS", "ray_session", "stop_orphans"]
 
 # Ray Train settings orch changes from Ray's defaults (a value already in the environment wins).
 # Ray Train passes them on to its controller and workers when a run starts.
@@ -45,13 +51,69 @@ def ray_session(address: str | None = None, verbose: bool = False) -> Iterator[N
     if ray.is_initialized():
         yield
         return
+    if address is None:
+        stop_orphans()
     ray.init(
         address=address,
         include_dashboard=False if address is None else None,
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.WARNING,
     )
+    record = _record_local_ray() if address is None else None
     try:
         yield
     finally:
         ray.shutdown()
+        if record is not None:
+            record.unlink(missing_ok=True)
+
+
+# A local Ray's processes are the driver's children. Killed with SIGKILL, the driver cannot stop
+# them, and some outlive it (Ray's agents, reparented to init). Each orch driver that starts a
+# local Ray lists its processes here; the next one stops those of a driver that is gone.
+_RECORDS = Path(tempfile.gettempdir()) / f"orch-{os.getuid()}" / "local-ray"
+
+
+def _record_local_ray() -> Path:
+    me = psutil.Process()
+    processes = [(p.pid, p.create_time()) for p in me.children(recursive=True)]
+    _RECORDS.mkdir(parents=True, exist_ok=True, mode=0o700)
+    record = _RECORDS / f"{me.pid}.json"
+    record.write_text(json.dumps({"driver": [me.pid, me.create_time()], "processes": processes}))
+    return record
+
+
+def stop_orphans() -> int:
+    """Stop the Ray processes of local Rays whose orch driver died without stopping them;
+    return how many. A pid is only killed if its start time is the recorded one (not reused)."""
+    stopped = 0
+    for record in _RECORDS.glob("*.json"):
+        try:
+            entry = json.loads(record.read_text())
+            (pid, started), processes = entry["driver"], entry["processes"]
+        except (OSError, ValueError, KeyError, TypeError):
+            record.unlink(missing_ok=True)
+            continue
+        if _alive(pid, started):
+            continue
+        for child, child_started in processes:
+            if _alive(child, child_started):
+                with contextlib.suppress(psutil.Error):
+                    psutil.Process(child).kill()
+                    stopped += 1
+        record.unlink(missing_ok=True)
+        if stopped:
+            logging.getLogger(__name__).warning(
+                "stopped %d Ray process(es) left running by orch run %d, which was killed",
+                stopped,
+                pid,
+            )
+    return stopped
+
+
+def _alive(pid: int, started: float) -> bool:
+    try:
+        process = psutil.Process(pid)
+        return process.create_time() == started and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

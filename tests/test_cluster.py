@@ -481,7 +481,7 @@ def test_cluster_configs_use_token_auth_and_this_ray() -> None:
 
 
 def test_runtime_env_carries_the_workload_and_leaves_out_local_state(tmp_path: Path) -> None:
-    from orchestrator.jobs.upload import WORKLOAD_ENV, build_runtime_env
+    from orchestrator.jobs.upload import STOP_WAIT, WORKLOAD_ENV, build_runtime_env
     from orchestrator.load import load_workload
 
     (tmp_path / "train.py").write_text("print('hi')\n")
@@ -507,7 +507,7 @@ def test_runtime_env_carries_the_workload_and_leaves_out_local_state(tmp_path: P
         os.chdir(cwd)
     env = upload.runtime_env
     assert env["working_dir"] == str(tmp_path)
-    assert env["env_vars"] == {"WANDB_MODE": "disabled", WORKLOAD_ENV: "name: x\n"}
+    assert env["env_vars"] == {**STOP_WAIT, "WANDB_MODE": "disabled", WORKLOAD_ENV: "name: x\n"}
     assert env["pip"] == ["einops"]
     assert {".git/", "/.orch/data/", "orch_runs/", "secrets/"} <= set(env["excludes"])
     # Only train.py and .gitignore travel: the cache, checkpoints and ignored files stay.

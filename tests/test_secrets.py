@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from builders import LOCAL, quoted, tiny_cnn
-from servers import MlflowServer
+from builders import LOCAL, quoted
 from typer.testing import CliRunner, Result
 
 from orchestrator import load_workload
@@ -222,39 +221,3 @@ def test_runs_upload_to_unreachable_server_fails_in_one_masked_line(tmp_path: Pa
     assert len(result.output.strip().splitlines()) == 1, result.output
     assert "http://u:***@127.0.0.1:9/" in result.output
     assert pending.is_file()  # kept for the next try
-
-
-@pytest.mark.integration
-@pytest.mark.timeout(600)
-@pytest.mark.usefixtures("local_ray")
-def test_tracked_run_logs_no_secret_to_mlflow(
-    mlflow_server: MlflowServer, shared_data: Path, data_cache: Path, tmp_path: Path
-) -> None:
-    """A real run on a real `mlflow server`: no param, tag or artifact holds a secret."""
-    from mlflow.tracking import MlflowClient
-
-    from orchestrator.driver import run_workload
-
-    # The server has no auth: it takes the URI's credentials and ignores them.
-    with_password = mlflow_server.uri.replace("http://", f"http://user:{URI_PASSWORD}@")
-    spec = tiny_cnn(
-        shared_data,
-        data_cache,
-        tmp_path,
-        "name=mnist-secret",
-        "tracking.mlflow.enabled=true",
-        SECRETS[0],
-        f"tracking.mlflow.tracking_uri={quoted(with_password)}",
-    )
-    result = run_workload(spec)
-    client = MlflowClient(tracking_uri=mlflow_server.uri)
-    run = client.get_run(result.mlflow_run_id)
-    assert run.data.params["cluster.runtime_env.env_vars.MLFLOW_TRACKING_PASSWORD"] == "***"
-    assert _leaks(json.dumps(run.data.params)) == []
-    assert _leaks(json.dumps(run.data.tags)) == []
-    root = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
-    files = [p for p in root.rglob("*") if p.is_file()]
-    assert any(p.name == "workload.yaml" for p in files)
-    for file in files:
-        data = file.read_bytes()
-        assert not [s for s in (ENV_SECRET, AWS_SECRET, URI_PASSWORD) if s.encode() in data], file

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -9,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from builders import tiny_cnn
+from builders import quoted, tiny_cnn
 from mlflow.tracking import MlflowClient
 from servers import MlflowServer
+from test_secrets import SECRETS, URI_PASSWORD, _leaks
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
@@ -51,7 +53,10 @@ def test_run_is_recorded_and_model_registered(
         data_cache,
         tmp_path,
         *TRACKED,
-        f"tracking.mlflow.tracking_uri={server.uri}",
+        # Credentials in the URI (the server has no auth and ignores them) and in env vars:
+        # none may reach a param, tag or artifact.
+        f"tracking.mlflow.tracking_uri={quoted(server.uri.replace('://', f'://u:{URI_PASSWORD}@'))}",
+        SECRETS[0],
         "tracking.mlflow.experiment=mnist-exp",
         "tracking.mlflow.register_as=mnist-cnn",
         "tracking.mlflow.promote_if=eval_accuracy >= 0.0 and eval_loss < 100",
@@ -91,6 +96,11 @@ def test_run_is_recorded_and_model_registered(
     import torch
 
     assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+    assert params["cluster.runtime_env.env_vars.MLFLOW_TRACKING_PASSWORD"] == "***"
+    assert _leaks(json.dumps(params)) == [] and _leaks(json.dumps(tags)) == []
+    root = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
+    for file in (p for p in root.rglob("*") if p.is_file()):
+        assert _leaks(file.read_bytes().decode("latin-1")) == [], file
 
 
 @pytest.mark.timeout(600)

@@ -126,7 +126,8 @@ def test_dry_run_lists_the_upload_leaves_out_credentials_and_contacts_nothing(
     assert "workers: 3, each with CPU 2" in result.stdout
     # The tracking URI's user and password travel as env vars, like in a real submit.
     names = (
-        "MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD, HF_TOKEN, WANDB_MODE, ORCH_WORKLOAD"
+        "RAY_JOB_STOP_WAIT_TIME_S, MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD, HF_TOKEN, "
+        "WANDB_MODE, ORCH_WORKLOAD"
     )
     assert f"env vars (names only): {names}" in result.stdout
     assert SECRET not in result.output

@@ -95,6 +95,9 @@ CREDENTIALS = "credential deny-list"
 DEFAULTS = "default excludes"
 LOCAL_PATHS = "data.cache_dir/train.storage_path"
 SPEC_EXCLUDES = "cluster.runtime_env.excludes"
+# `orch stop` (Ray's stop_job) sends the job SIGTERM, then SIGKILL after this many seconds, 3 by
+# Ray's default: too few for the driver to end its MLflow run and keep what the server did not take.
+STOP_WAIT = {"RAY_JOB_STOP_WAIT_TIME_S": "45"}
 WORKLOAD_ENV = "ORCH_WORKLOAD"  # the resolved workload, as YAML, for the job's entrypoint
 
 
@@ -154,7 +157,7 @@ def build_runtime_env(
     are env vars taken out of the workload (the tracking URI's user and password)."""
     plan = plan_upload(spec, working_dir)
     # The workload's own env vars win, as they would over the URI's credentials in MLflow.
-    env_vars = {**(credentials or {}), **spec.cluster.runtime_env.env_vars}
+    env_vars = {**STOP_WAIT, **(credentials or {}), **spec.cluster.runtime_env.env_vars}
     env: dict[str, Any] = {
         "working_dir": str(plan.root),
         "excludes": plan.excludes,

@@ -68,9 +68,10 @@ def run_sweep(
     check_inputs(spec)
     # Tune ends a sweep on Ctrl-C itself, saving its state; SIGTERM is handed to it alike.
     with (
-        stop_signals(raising=False) as received,
         run_lock(storage_uri(spec.train.storage_path), name),
         ray_session(address, verbose),
+        # After Ray starts: its core worker installs a SIGTERM handler of its own, which aborts.
+        stop_signals(raising=False) as received,
     ):
         run = _prepare_and_check(spec, address, verbose, log)
         concurrency = _concurrency(spec, on_this_machine=address is None)

@@ -102,10 +102,12 @@ class MlflowTracker:
         )
 
     def mark(self, status: str) -> None:
-        if status in _ENDED:
-            self.client.set_terminated(self.run_id, status=status)
-        else:
-            self.client.update_run(self.run_id, status=status)
+        # Bounded: a Ctrl-C'd `orch submit` marks its run KILLED on the way out.
+        with quick_requests(timeout=10, retries=1):
+            if status in _ENDED:
+                self.client.set_terminated(self.run_id, status=status)
+            else:
+                self.client.update_run(self.run_id, status=status)
 
     # ------------------------------------------------------------------ during training
     def log(self, event: Mapping[str, Any]) -> None:
