@@ -55,6 +55,13 @@ class LocalCluster:
     url: str
     token_path: Path
     directory: Path
+    env: dict[str, str]  # the script's settings: the same ports and token on a restart
+
+    def script(self, command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", str(SCRIPT), command], env=self.env, capture_output=True, text=True,
+            timeout=240,
+        )  # fmt: skip
 
     @property
     def token(self) -> str:
@@ -103,7 +110,7 @@ def cluster() -> Iterator[LocalCluster]:
         )
         assert started.returncode == 0, started.stderr + _logs(directory)
         assert f"export ORCH_ADDRESS=http://127.0.0.1:{port}" in started.stdout
-        yield LocalCluster(f"http://127.0.0.1:{port}", directory / "auth_token", directory)
+        yield LocalCluster(f"http://127.0.0.1:{port}", directory / "auth_token", directory, env)
     finally:
         subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(directory, ignore_errors=True)
@@ -229,6 +236,13 @@ def test_waiting_job_says_why_and_stop_keeps_checkpoints(
     assert long_job.returncode == 0, long_job.stderr
     first = _job_id(long_job.stdout)
     _wait_for(lambda: "step 1/" in orch("logs", first, env=env).stdout, 300, "training")
+    # A second job of the run name would write the same run directory.
+    twice = orch(
+        "submit", BERT, *_sets(*TINY, *_storage(shared, data_cache)), "--name", "long",
+        "--no-tracking", env=env,
+    )  # fmt: skip
+    assert twice.returncode == 2, twice.stderr
+    assert "run 'long' is already RUNNING" in twice.stderr and first in twice.stderr
 
     short_job = orch(
         "submit", BERT, *_sets(*TINY, *slot, *_storage(shared, data_cache)), "--name", "short",
@@ -279,6 +293,46 @@ def test_waiting_job_says_why_and_stop_keeps_checkpoints(
     listed = orch("list", env=env).stdout
     assert re.search(rf"^{first}\s+bert-tiny\s+STOPPED", listed, re.M), listed
     assert re.search(rf"^{second}\s+bert-tiny\s+STOPPED", listed, re.M), listed
+
+
+@pytest.mark.integration
+def test_head_lost_while_following_then_resubmit_resumes(
+    cluster: LocalCluster, shared: Path, data_cache: Path
+) -> None:
+    """Runs after the test above, continuing its stopped `long` run."""
+    env = _with_token(cluster)
+    steps = sorted((shared / "runs" / "long").glob("step-*/orch_checkpoint.json"))
+    assert steps, "the run above left no checkpoint"
+    end = int(steps[-1].parent.name.split("-")[1]) + 6
+    again = [*TINY, *_storage(shared, data_cache), f"train.max_steps={end}"]
+    job = orch("submit", BERT, *_sets(*again), "--name", "long", "--no-tracking", env=env)
+    assert job.returncode == 0, job.stderr
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "logs", _job_id(job.stdout), "--follow"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    stopped = False
+    try:
+        assert follower.stdout is not None
+        for line in follower.stdout:  # the job trains: now the head node goes
+            if f"/{end} |" in line:
+                break
+        stopped = cluster.script("stop").returncode == 0
+        _, err = follower.communicate(timeout=120)
+    finally:
+        follower.kill()
+        if stopped:  # back up for the tests after this one, whatever happens here
+            restarted = cluster.script("start")
+            assert restarted.returncode == 0, restarted.stderr
+    assert follower.returncode == 1, err
+    assert "lost the connection to the cluster" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+    resumed = orch(
+        "submit", BERT, *_sets(*again), "--name", "long", "--no-tracking", "--follow", env=env
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"step {end}/{end}" in resumed.stdout and "step 1/" not in resumed.stdout
 
 
 # --------------------------------------------------------------------------- refusals

@@ -71,16 +71,19 @@ def submit(
             plan = api.plan_submit(spec, name=name, tracking=not no_tracking)
         _print_plan(plan)
         return
-    with exit_on_error(file):
-        job = api.submit(
-            spec,
-            address=address,
-            name=name,
-            allow_insecure=allow_insecure,
-            fit_check=not no_fit_check,
-            tracking=not no_tracking,
-            log=typer.echo,
-        )
+    try:
+        with exit_on_error(file):
+            job = api.submit(
+                spec,
+                address=address,
+                name=name,
+                allow_insecure=allow_insecure,
+                fit_check=not no_fit_check,
+                tracking=not no_tracking,
+                log=typer.echo,
+            )
+    except KeyboardInterrupt:  # before the cluster took the job: nothing runs, no MLflow run waits
+        fail("stopped before the job was submitted; nothing runs on the cluster", code=130)
     for note in job.notes:
         typer.secho(f"warning: {note}", fg="yellow", err=True)
     typer.echo(f"submitted {job.job_id}")

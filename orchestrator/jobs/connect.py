@@ -113,6 +113,7 @@ def connect(
     flag_address: str | None, workload_address: str | None, allow_insecure: bool = False
 ) -> Cluster:
     """Connect to the Jobs API with the token; refuse an open cluster unless allowed."""
+    _quiet_ray_client()
     url, source = resolve_address(flag_address, workload_address)
     shown = mask(url)
     open_api = _accepts_anonymous(url, source)
@@ -169,3 +170,20 @@ def _accepts_anonymous(url: str, source: str) -> bool:
         f"{mask(url)} ({source}) answered HTTP {response.status_code} on the Jobs API; is this a "
         f"Ray dashboard address (default port {DASHBOARD_PORT})?"
     )
+
+
+def _quiet_ray_client() -> None:
+    """Ray's client narrates packaging file by file and each log stream's end; orch prints one
+    line about an upload, and says itself when a stream ends."""
+    import logging
+
+    # These modules set their loggers to INFO when imported: import them first.
+    import ray.dashboard.modules.job.sdk  # noqa: F401
+
+    for logger in (
+        "ray._private.runtime_env.packaging",
+        "ray._private.runtime_env.working_dir",
+        "ray.dashboard.modules.dashboard_sdk",
+        "ray.dashboard.modules.job.sdk",
+    ):
+        logging.getLogger(logger).setLevel(logging.WARNING)

@@ -60,6 +60,7 @@ def submit(
     workload_yaml, credentials = job_workload(spec)
     cluster = connect(address, spec.cluster.address, allow_insecure)
     notes = [] if cluster.authenticated else ["the cluster accepts unauthenticated jobs"]
+    _check_not_running(cluster, name)
     if fit_check:
         notes += _check_fit(cluster, spec)
     notes += _placement_notes(spec, tracking)
@@ -69,7 +70,6 @@ def submit(
         f"uploading {upload.runtime_env['working_dir']}: {upload.files} files, "
         f"{upload.size_bytes / 2**20:.1f} MiB"
     )
-    _quiet_ray_client()
     tracker = _start_tracking(spec, name) if tracking and spec.tracking.mlflow.enabled else None
     job_id = f"orch-{name}-{secrets.token_hex(4)}"
     entrypoint = job_entrypoint(name, tracking)
@@ -93,6 +93,20 @@ def submit(
         mlflow_run_id=tracker.run_id if tracker is not None else None,
         notes=notes,
     )
+
+
+def _check_not_running(cluster: Cluster, name: str) -> None:
+    """Refuse a run name that a job of the cluster is running: both would write the same run
+    directory. (On a filesystem the run's lock refuses it too, but only once the job starts,
+    and object stores have no lock.)"""
+    for job in cluster.jobs.list_jobs():
+        metadata = job.metadata or {}
+        if metadata.get("orch.run") == name and not job.status.is_terminal():
+            raise JobsError(
+                f"run {name!r} is already {job.status.value} on the cluster at "
+                f"{mask(cluster.url)} as job {job.submission_id}; wait for it, stop it "
+                f"(orch stop {job.submission_id}), or pass another --name"
+            )
 
 
 def job_entrypoint(name: str, tracking: bool) -> str:
@@ -199,19 +213,6 @@ def _placement_notes(spec: WorkloadSpec, tracking: bool) -> list[str]:
             "working directory on the cluster; set an MLflow server URI to keep the run"
         ]
     return []
-
-
-def _quiet_ray_client() -> None:
-    """Ray's client narrates packaging file by file; orch prints one line about the upload."""
-    import logging
-
-    for logger in (
-        "ray._private.runtime_env.packaging",
-        "ray._private.runtime_env.working_dir",
-        "ray.dashboard.modules.dashboard_sdk",
-        "ray.dashboard.modules.job.sdk",
-    ):
-        logging.getLogger(logger).setLevel(logging.WARNING)
 
 
 def _start_tracking(spec: WorkloadSpec, name: str) -> Tracker | None:
