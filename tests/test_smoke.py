@@ -150,7 +150,6 @@ def test_the_cluster_bert_workload_smoke_runs_from_the_command_line(
         ("resnet50_imagenet.yaml", []),
         ("local/bert_tiny.yaml", ["--track"]),
         ("local/gpt_tiny_zero2.yaml", []),
-        ("local/mnist_cnn.yaml", ["data.train={data}"]),
         ("local/mnist_cnn_sweep.yaml", ["data.train={data}"]),
     ],
 )
@@ -229,16 +228,16 @@ def test_a_teams_suite_smoke_tests_its_workloads_with_the_plugin(
     tmp_path: Path, shared_data: Path
 ) -> None:
     """The README's example, as a team would run it: its own repository, orch installed, no
-    conftest. The plugin's Ray is stopped at the end even though one of its tests fails."""
+    conftest. The plugin's Ray is stopped at the end even though one of its tests fails. The
+    team's workload extends the shipped mnist_cnn.yaml, whose smoke run this is."""
     repo = tmp_path / "team"
     (repo / "workloads").mkdir(parents=True)
     (repo / "workloads" / "digits.yaml").write_text(
         textwrap.dedent(
             f"""\
+            extends: {LOCAL / "mnist_cnn.yaml"}
             name: digits
-            model: {{kind: cnn, channels: [8]}}
-            data: {{train: {shared_data}, format: mnist}}
-            train: {{micro_batch_size: 16}}
+            data: {{train: {shared_data}}}
             """
         )
     )
