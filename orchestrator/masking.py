@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MASK",
+    "first_line",
     "is_secret_name",
     "mask",
     "mask_env",
@@ -88,6 +89,12 @@ def mask(text: str) -> str:
     text = _URI.sub(_mask_uri, text)
     text = _BEARER.sub(lambda m: f"{m['scheme']} {MASK}", text)
     return _ASSIGNMENT.sub(_mask_assignment, text)
+
+
+def first_line(exc: BaseException) -> str:
+    """An error's message in one line, masked: library errors can carry a URI's password."""
+    text = str(exc).strip().splitlines()
+    return mask(text[0] if text else type(exc).__name__)
 
 
 def mask_env(env: Mapping[str, str]) -> dict[str, str]:

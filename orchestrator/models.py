@@ -23,6 +23,7 @@ import torch
 from pydantic import TypeAdapter
 from torch import nn
 
+from orchestrator.masking import first_line
 from orchestrator.model_zoo import (
     DataInfo,
     ModelError,
@@ -214,7 +215,7 @@ def load_exported(directory: str | Path, *, trust_custom_code: bool = False) -> 
         section = _section(meta["model"])
         data = DataInfo(**meta["data"])
     except (ValueError, KeyError, TypeError) as exc:  # pydantic's errors are ValueErrors
-        raise ModelError(f"{where}: not an orch model export ({_first_line(exc)})") from None
+        raise ModelError(f"{where}: not an orch model export ({first_line(exc)})") from None
     if isinstance(section, CustomModel) and not trust_custom_code:
         raise ModelError(
             f"{where}: a custom model, built by calling {section.build!r}; load it with "
@@ -226,8 +227,3 @@ def load_exported(directory: str | Path, *, trust_custom_code: bool = False) -> 
     state = torch.load(directory / "state_dict.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

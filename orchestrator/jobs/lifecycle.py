@@ -11,7 +11,7 @@ from typing import Any
 
 from orchestrator.errors import ConnectionLost
 from orchestrator.jobs.connect import Cluster, JobsError
-from orchestrator.masking import mask
+from orchestrator.masking import first_line, mask
 
 __all__ = ["JobStatus", "follow_logs", "job_status", "list_jobs", "stop_job", "waiting_reason"]
 
@@ -122,7 +122,7 @@ def follow_logs(
     try:
         return _follow(cluster, job_id, write, note)
     except _CONNECTION_ERRORS as exc:
-        reason = mask(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        reason = first_line(exc)
         raise ConnectionLost(
             f"lost the connection to the cluster at {mask(cluster.url)} while following "
             f"{job_id} ({reason}); the job may still be running: `orch status {job_id}` "

@@ -19,7 +19,7 @@ from orchestrator.tracking.mlflow_run import MlflowTracker, flatten
 from orchestrator.tracking.model_log import promotion
 from orchestrator.tracking.protocol import Tracker, TrackingError
 from orchestrator.tracking.runs import recent_runs
-from orchestrator.tracking.server import default_tracking_uri, redact
+from orchestrator.tracking.server import default_tracking_uri
 
 __all__ = [
     "Tracker",
@@ -28,7 +28,6 @@ __all__ = [
     "flatten",
     "promotion",
     "recent_runs",
-    "redact",
     "start_tracker",
     "upload_pending",
 ]

@@ -6,12 +6,9 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from orchestrator.masking import mask
+from orchestrator.masking import first_line
 
-# The old name of `mask`, kept for callers from before the masking module.
-redact = mask
-
-__all__ = ["default_tracking_uri", "first_line", "quick_requests", "redact"]
+__all__ = ["default_tracking_uri", "first_line", "quick_requests"]
 
 
 def default_tracking_uri() -> str:
@@ -36,9 +33,3 @@ def quick_requests(timeout: int, retries: int) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-def first_line(exc: BaseException) -> str:
-    """An MLflow error in one line, masked: its messages can carry the URI's password."""
-    text = str(exc).strip().splitlines()
-    return mask(text[0] if text else type(exc).__name__)
