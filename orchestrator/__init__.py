@@ -11,8 +11,11 @@ The Python API mirrors the `orch` command line, one function per command (orches
 from importlib.metadata import PackageNotFoundError, version
 
 from orchestrator.api import (
+    Exported,
     JobLogs,
     Workload,
+    cross_validate,
+    export,
     list_jobs,
     logs,
     plan_submit,
@@ -30,6 +33,7 @@ from orchestrator.api import (
 )
 from orchestrator.errors import (
     DataError,
+    ExportError,
     JobsError,
     RunError,
     SmokeFailed,
@@ -47,6 +51,8 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 __all__ = [
     "DataError",
+    "ExportError",
+    "Exported",
     "JobLogs",
     "JobsError",
     "Problem",
@@ -59,6 +65,8 @@ __all__ = [
     "Workload",
     "WorkloadSpec",
     "__version__",
+    "cross_validate",
+    "export",
     "list_jobs",
     "load_workload",
     "logs",

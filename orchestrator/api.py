@@ -20,22 +20,28 @@ or sweep. Nothing here imports Ray or torch until a function needs them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from orchestrator.load import Problem, SpecError, load_workload
-from orchestrator.spec import WorkloadSpec, name_problem, workload_schema
+from orchestrator.spec import DEFAULT_TOLERANCE, WorkloadSpec, name_problem, workload_schema
 
 if TYPE_CHECKING:
     from orchestrator.data.prepare import PreparedData
     from orchestrator.driver import RunResult
+    from orchestrator.exporting import ExportReport
     from orchestrator.jobs import JobStatus, Submission, SubmitPlan
     from orchestrator.smoketest import SmokeResult
+    from orchestrator.sweeps.cv import CVResult
     from orchestrator.sweeps.results import SweepResult
 
 __all__ = [
+    "Exported",
     "JobLogs",
     "Workload",
+    "cross_validate",
+    "export",
     "list_jobs",
     "logs",
     "plan_submit",
@@ -116,6 +122,8 @@ def run(
     spec = validate(workload, overrides)
     if spec.tune is not None:
         raise RunError("the workload has a tune section: run its sweep with tune()")
+    if spec.cv is not None:
+        raise RunError("the workload has a cv section: run it with cross_validate()")
     return run_workload(
         spec,
         address=address,
@@ -144,6 +152,34 @@ def tune(
     from orchestrator.sweeps import run_sweep
 
     return run_sweep(
+        validate(workload, overrides),
+        address=address,
+        name=name,
+        resume=resume,
+        verbose=verbose,
+        tracking=tracking,
+        log=log,
+    )
+
+
+def cross_validate(
+    workload: Workload,
+    overrides: Iterable[str] = (),
+    *,
+    address: str | None = None,
+    name: str | None = None,
+    resume: bool | None = None,
+    verbose: bool = False,
+    tracking: bool = True,
+    log: Log = _quiet,
+) -> CVResult:
+    """Run the workload's k-fold cross-validation (`orch run` of a workload with a cv
+    section): one run per fold, the mean and standard deviation of the metrics across them.
+    `resume` as for `tune`; TrainingFailed if a fold did not report its metric."""
+    _check_name(name)
+    from orchestrator.sweeps.cv import run_cv
+
+    return run_cv(
         validate(workload, overrides),
         address=address,
         name=name,
@@ -278,6 +314,43 @@ def runs(
     from orchestrator.tracking import recent_runs
 
     return recent_runs(tracking_uri, experiment, limit)
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What `export` wrote: one report per format, and where it was tracked."""
+
+    model_dir: Path
+    reports: list[ExportReport]
+    mlflow_run_id: str | None
+    notes: list[str]  # tracking outcomes, to show
+
+
+def export(
+    run_dir: str | Path,
+    formats: Iterable[str],
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    tracking: bool = True,
+    tracking_uri: str | None = None,
+    log: Log = _quiet,
+) -> Exported:
+    """Export a finished run's fp32 model to ONNX and/or TorchScript beside it, each checked
+    against eager PyTorch on the run's eval batches (`orch export`); ExportError (an input
+    error) when the run has no model, a format is unknown or the kind's, or an export is off
+    by more than `tolerance`. A tracked run (found in MLflow by its name) gets the files."""
+    from orchestrator.exporting import export_model, find_model_dir, known_formats
+
+    formats = known_formats(formats)
+    model_dir = find_model_dir(run_dir)
+    reports = export_model(model_dir, formats, tolerance=tolerance, log=log)
+    run_id: str | None = None
+    notes: list[str] = []
+    if tracking:
+        from orchestrator.exporting.tracked import log_exports
+
+        run_id, notes = log_exports(model_dir, reports, tracking_uri)
+    return Exported(model_dir, reports, run_id, notes)
 
 
 def upload_runs(file: str | Path) -> int:

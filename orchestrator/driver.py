@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import RunError, TrainingFailed
+from orchestrator.exporting import export_at_end
 from orchestrator.models import import_ahead
 from orchestrator.ray_session import ray_session
 from orchestrator.runlock import run_lock
@@ -37,6 +38,7 @@ from orchestrator.train.trainer import (
 )
 
 if TYPE_CHECKING:
+    from orchestrator.data import PreparedData
     from orchestrator.tracking import Tracker
 
 __all__ = ["RunError", "RunResult", "TrainingFailed", "run_workload"]
@@ -133,7 +135,9 @@ def _fit(
     total = total_steps(config.dataset.train_rows, spec.train, spec.scaling.num_workers)
     if latest is not None and latest[1] >= total:
         # Starting Ray Train only to have it find nothing to do takes half a minute.
-        return _already_finished(config, name, storage, latest, log, started, tracker)
+        return _already_finished(
+            config, name, storage, latest, log, started, tracker, spec, run.prepared
+        )
     channel = Queue(actor_options={"num_cpus": 0})
     trainer = build_trainer(
         spec, run, config, name=name, storage=storage, callbacks=[ProgressCallback(channel)]
@@ -154,7 +158,8 @@ def _fit(
     except SystemExit:  # Ray Train's own Ctrl-C handler exits once it has aborted the run
         raise Stopped(signal.SIGINT) from None
     history = printer.events
-    model_dir = export_final(result, config) if export else None
+    model_dir = export_final(result, config, run.prepared) if export else None
+    export_at_end(spec.export, model_dir, log, tracker)  # the workload's `export:` formats
     checkpoint = result.checkpoint.path if result.checkpoint else None
     notes = tracker.finish("FINISHED", model_dir, checkpoint) if tracker is not None else []
     return RunResult(
@@ -178,6 +183,8 @@ def _already_finished(
     log: Callable[[str], None],
     started: float,
     tracker: Tracker | None,
+    spec: WorkloadSpec,
+    data: PreparedData,
 ) -> RunResult:
     """The run's newest checkpoint is its last step: keep it, export it if that is missing."""
     checkpoint, step = latest
@@ -187,7 +194,8 @@ def _already_finished(
         import ray.train
 
         # Under storage_uri(): an absolute path or a URI already.
-        model_dir = export_checkpoint(ray.train.Checkpoint(checkpoint), run_path, config)
+        model_dir = export_checkpoint(ray.train.Checkpoint(checkpoint), run_path, config, data)
+    export_at_end(spec.export, model_dir, log, tracker)
     log(f"{name} already finished; nothing to train (another --name starts a new run)")
     notes = tracker.finish("FINISHED", model_dir, checkpoint) if tracker is not None else []
     return RunResult(

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "ConnectionLost",
     "DataError",
+    "ExportError",
     "JobsError",
     "RunError",
     "SmokeFailed",
@@ -15,6 +16,10 @@ __all__ = [
 
 class RunError(Exception):
     """The workload cannot start as specified (exit code 2): bad model, data, plan or checkpoint."""
+
+
+class ExportError(RunError):
+    """A model that cannot be exported as asked, or whose export was refused (exit code 2)."""
 
 
 class TrainingFailed(Exception):

@@ -8,7 +8,6 @@ orchestrator.models pairs each kind with its builder.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,17 +17,29 @@ import numpy as np
 import torch
 from torch import nn
 
-from orchestrator.spec import BertMLMModel, CNNModel, CustomModel, GPTModel, ResNetModel
+from orchestrator.import_path import ImportPathError, import_function
+from orchestrator.spec import (
+    BertClassifierModel,
+    BertMLMModel,
+    CNNModel,
+    CustomModel,
+    GPTModel,
+    MLPModel,
+    ResNetModel,
+)
 
 __all__ = [
     "DataInfo",
     "ModelError",
+    "bert_config",
     "build_bert",
     "build_cnn",
     "build_custom",
     "build_gpt",
+    "build_mlp",
     "build_resnet",
     "custom_example",
+    "feature_example",
     "image_example",
     "resolve_custom",
     "token_example",
@@ -46,9 +57,12 @@ class DataInfo:
     vocab_size: int | None = None
     num_classes: int | None = None
     channels: int | None = None
+    num_features: int | None = None  # tabular data: the width of each row's feature vector
+    pad_id: int | None = None  # labeled text: the padding token (the attention mask's zeros)
+    seq_len: int | None = None  # labeled text: tokens per sample
 
 
-def _vocab(spec: BertMLMModel | GPTModel, data: DataInfo) -> int:
+def _vocab(spec: BertMLMModel | BertClassifierModel | GPTModel, data: DataInfo) -> int:
     vocab = spec.vocab_size or data.vocab_size
     if vocab is None:
         raise ModelError(
@@ -63,11 +77,18 @@ def _vocab(spec: BertMLMModel | GPTModel, data: DataInfo) -> int:
 
 
 def build_bert(spec: BertMLMModel, data: DataInfo) -> nn.Module:
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers import BertForMaskedLM
 
     if spec.pretrained:
         return _from_pretrained(BertForMaskedLM, spec.pretrained)
-    config = BertConfig(
+    return BertForMaskedLM(bert_config(spec, data))
+
+
+def bert_config(spec: BertMLMModel | BertClassifierModel, data: DataInfo, **extra: Any) -> Any:
+    """The transformers BertConfig of a BERT-family section (`extra`: its own settings)."""
+    from transformers import BertConfig
+
+    return BertConfig(
         vocab_size=_vocab(spec, data),
         hidden_size=spec.hidden_size,
         num_hidden_layers=spec.num_layers,
@@ -77,8 +98,8 @@ def build_bert(spec: BertMLMModel, data: DataInfo) -> nn.Module:
         hidden_dropout_prob=spec.dropout,
         attention_probs_dropout_prob=spec.dropout,
         attn_implementation="sdpa",
+        **extra,
     )
-    return BertForMaskedLM(config)
 
 
 def build_gpt(spec: GPTModel, data: DataInfo) -> nn.Module:
@@ -153,17 +174,43 @@ def build_cnn(spec: CNNModel, data: DataInfo) -> nn.Module:
     return model
 
 
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "silu": nn.SiLU,
+}
+
+
+def build_mlp(spec: MLPModel, data: DataInfo) -> nn.Module:
+    width, classes = _tabular_shape(data)
+    layers: list[nn.Module] = []
+    for hidden in spec.hidden_sizes:
+        layers.append(nn.Linear(width, hidden))
+        if spec.batch_norm:
+            layers.append(nn.BatchNorm1d(hidden))
+        layers.append(_ACTIVATIONS[spec.activation]())
+        if spec.dropout:
+            layers.append(nn.Dropout(spec.dropout))
+        width = hidden
+    return nn.Sequential(*layers, nn.Linear(width, classes))
+
+
+def _tabular_shape(data: DataInfo) -> tuple[int, int]:
+    if data.num_features is None or data.num_classes is None:
+        raise ModelError(
+            "model: mlp takes its input width and classes from tabular data "
+            "(data.format: tabular), and this data has none"
+        )
+    return data.num_features, data.num_classes
+
+
 def resolve_custom(path: str) -> Callable[..., nn.Module]:
     """Import 'package.module:function'; ModelError says which part is missing."""
-    module_name, _, attr = path.partition(":")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelError(f"model.build: cannot import module {module_name!r}: {exc}") from None
-    build = getattr(module, attr, None)
-    if not callable(build):
-        raise ModelError(f"model.build: module {module_name!r} has no function {attr!r}")
-    return build
+        return import_function(path, "model.build")
+    except ImportPathError as exc:
+        raise ModelError(str(exc)) from None
 
 
 def build_custom(spec: CustomModel, data: DataInfo) -> nn.Module:
@@ -216,9 +263,16 @@ def image_example(spec: ResNetModel | CNNModel, data: DataInfo) -> np.ndarray:
     return _images(data.channels or spec.in_channels, spec.image_size)
 
 
+def feature_example(spec: MLPModel | CustomModel, data: DataInfo) -> np.ndarray:
+    return np.zeros((1, _tabular_shape(data)[0]), dtype=np.float32)
+
+
 def custom_example(spec: CustomModel, data: DataInfo) -> np.ndarray:
     # orch cannot see what a custom model takes; the training loop feeds language models
-    # token ids and classifiers images, so guess the same (a 32x32 image by default).
+    # token ids and classifiers images or tabular features, so guess the same (a 32x32 image
+    # by default).
+    if spec.task == "classification" and data.num_features is not None:
+        return feature_example(spec, data)
     if spec.task == "classification":
         return _images(data.channels or 3, 32)
     return _tokens(_EXAMPLE_TOKENS)

@@ -23,6 +23,7 @@ import torch
 from pydantic import TypeAdapter
 from torch import nn
 
+from orchestrator.bert_classifier import build_bert_classifier, classifier_example
 from orchestrator.masking import first_line
 from orchestrator.model_zoo import (
     DataInfo,
@@ -31,18 +32,22 @@ from orchestrator.model_zoo import (
     build_cnn,
     build_custom,
     build_gpt,
+    build_mlp,
     build_resnet,
     custom_example,
+    feature_example,
     image_example,
     resolve_custom,
     token_example,
 )
 from orchestrator.spec import (
     MODEL_SECTIONS,
+    BertClassifierModel,
     BertMLMModel,
     CNNModel,
     CustomModel,
     GPTModel,
+    MLPModel,
     ModelSpec,
     ResNetModel,
     Section,
@@ -95,9 +100,16 @@ _RESNET: ModelKind[ResNetModel] = ModelKind(
 )
 _CNN: ModelKind[CNNModel] = ModelKind(CNNModel, build_cnn, image_example)
 _CUSTOM: ModelKind[CustomModel] = ModelKind(CustomModel, build_custom, custom_example)
+_MLP: ModelKind[MLPModel] = ModelKind(MLPModel, build_mlp, feature_example)
+_BERT_CLASSIFIER: ModelKind[BertClassifierModel] = ModelKind(
+    BertClassifierModel,
+    build_bert_classifier,
+    classifier_example,
+    ("transformers", ("BertConfig", "BertModel")),
+)
 
 MODEL_KINDS: dict[str, ModelKind[Any]] = {
-    entry.kind: entry for entry in (_BERT, _GPT, _RESNET, _CNN, _CUSTOM)
+    entry.kind: entry for entry in (_BERT, _GPT, _RESNET, _CNN, _CUSTOM, _MLP, _BERT_CLASSIFIER)
 }
 
 # A kind the spec accepts but this table lacks would only fail mid-run, on a worker.
@@ -185,7 +197,9 @@ def config_hash(spec: ModelSpec, data: DataInfo) -> str:
     """Identifies the architecture, so a checkpoint is never loaded into another model."""
     payload = {
         "model": spec.model_dump(mode="json", exclude={"pretrained", "dropout"}),
-        "data": data.__dict__,
+        # Facts a kind does not use are None: left out, so a new DataInfo field (None for the
+        # kinds before it) leaves their hashes, and so their checkpoints, as they were.
+        "data": {k: v for k, v in data.__dict__.items() if v is not None},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -72,6 +72,8 @@ def test_show_prints_resolved_spec_with_defaults_and_overrides() -> None:
         "deepspeed",
         "scaling",
         "tune",
+        "cv",
+        "export",
         "tracking",
         "cluster",
     ]

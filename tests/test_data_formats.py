@@ -8,7 +8,14 @@ import pyarrow.fs as pafs
 import pytest
 
 from orchestrator.data import DataError
-from orchestrator.data.formats import FORMATS, ImageFormat, TextFormat, detect_format
+from orchestrator.data.formats import (
+    FORMATS,
+    ImageFormat,
+    LabeledTextFormat,
+    TabularFormat,
+    TextFormat,
+    detect_format,
+)
 from orchestrator.data.prepare import _settings
 from orchestrator.data.sources import Source
 from orchestrator.spec import DataSpec
@@ -29,6 +36,12 @@ def test_each_format_has_the_readers_of_its_kind() -> None:
         if fmt.kind == "text":
             assert isinstance(fmt, TextFormat), name
             assert callable(fmt.file_texts) and callable(fmt.dataset), name
+        elif fmt.kind == "tabular":
+            assert isinstance(fmt, TabularFormat), name
+            assert callable(fmt.read), name
+        elif fmt.kind == "labeled_text":
+            assert isinstance(fmt, LabeledTextFormat), name
+            assert callable(fmt.read), name
         else:
             assert isinstance(fmt, ImageFormat), name
             assert callable(fmt.read), name
@@ -49,6 +62,7 @@ def test_each_format_has_the_readers_of_its_kind() -> None:
         (["data_batch_1", "data_batch_2", "test_batch", "batches.meta"], "cifar"),
         (["test_batch"], "cifar"),
         (["train", "test", "meta"], "cifar"),  # CIFAR-100
+        (["a.csv", "b.CSV"], "tabular"),
     ],
 )
 def test_auto_guesses_from_file_names(names: list[str], expected: str) -> None:
@@ -59,13 +73,14 @@ def test_a_declared_format_is_taken_as_it_is() -> None:
     assert detect_format(_source("a.txt"), "jsonl") == "jsonl"
 
 
-@pytest.mark.parametrize("names", [["a.csv"], ["a.txt", "b.jsonl"], ["a.png", "b.txt"], ["train"]])
+@pytest.mark.parametrize("names", [["a.tsv"], ["a.txt", "b.jsonl"], ["a.png", "b.txt"], ["train"]])
 def test_no_guess_names_what_to_set(names: list[str]) -> None:
     with pytest.raises(DataError) as err:
         detect_format(_source(*names), "auto")
     assert "/data: cannot tell the format from the file names (found [" in str(err.value)
     assert str(err.value).endswith(
-        "set data.format to one of parquet, text, jsonl, mnist, cifar, image_folder"
+        "set data.format to one of parquet, text, jsonl, mnist, cifar, image_folder, tabular"
+        + "".join(f", {name}" for name in list(FORMATS)[7:])  # formats added later
     )
 
 
@@ -76,3 +91,11 @@ def test_settings_in_the_cache_key() -> None:
         assert set(_settings(data, FORMATS[name])) == text_keys, name
     for name in ("mnist", "cifar", "image_folder"):
         assert set(_settings(data, FORMATS[name])) == {"eval_fraction", "limit", "shard_rows"}
+    assert set(_settings(data, FORMATS["tabular"])) == {
+        "eval_fraction",
+        "limit",
+        "shard_rows",
+        "label_column",
+        "features",
+        "categorical",
+    }

@@ -50,6 +50,11 @@ TINY: dict[str, tuple[dict[str, Any], DataInfo]] = {
         {"build": "torchvision.models:resnet18", "args": {"num_classes": 3}},
         DataInfo(num_classes=3),
     ),
+    "mlp": ({"hidden_sizes": [4], "batch_norm": True}, DataInfo(num_classes=2, num_features=5)),
+    "bert_classifier": (
+        {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "max_seq_len": 32},
+        DataInfo(vocab_size=50, num_classes=3, pad_id=0, seq_len=24),
+    ),
 }
 
 
@@ -118,7 +123,12 @@ def test_kind_facts_stay_out_of_the_schema() -> None:
 def test_every_data_format_says_what_it_yields() -> None:
     """The spec's format -> inputs table agrees with the readers' table in orchestrator.data."""
     assert set(FORMAT_INPUTS) == set(typing.get_args(DataFormat)) == {"auto", *FORMATS}
-    yields = {"text": "tokens", "image": "images"}
+    yields = {
+        "text": "tokens",
+        "image": "images",
+        "tabular": "features",
+        "labeled_text": "labeled_tokens",
+    }
     for name, gives in FORMAT_INPUTS.items():
         if name != "auto":
             assert gives in (None, yields[FORMATS[name].kind]), name

@@ -197,6 +197,7 @@ def test_every_shipped_workload_smoke_runs(
         (["list"], "list_jobs"),
         (["runs"], "runs"),
         (["runs", "upload", "{w}"], "upload_runs"),
+        (["export", "{w}", "--format", "onnx"], "export"),
     ],
 )
 def test_each_command_calls_its_api_function(

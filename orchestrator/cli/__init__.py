@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from orchestrator import __version__
+from orchestrator.cli.export import export
 from orchestrator.cli.jobs import job_run, list_jobs, logs, status, stop, submit
 from orchestrator.cli.runs import runs, runs_upload
 from orchestrator.cli.workloads import data_prepare, run, schema, show, tune, validate
@@ -47,6 +48,7 @@ for command in (validate, show, run, tune, submit, status, logs, stop):
 app.command("list")(list_jobs)
 app.command("job-run", hidden=True)(job_run)
 app.command()(schema)
+app.command()(export)
 
 data_app = typer.Typer(help="Prepare datasets.", no_args_is_help=True)
 data_app.command("prepare")(data_prepare)

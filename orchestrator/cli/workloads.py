@@ -95,7 +95,8 @@ def run(
 ) -> None:
     """Train a workload on this machine (or on --address), resuming a run of the same name.
 
-    A workload with a tune section runs its sweep (like orch tune), continuing one of that name.
+    A workload with a tune section runs its sweep (like orch tune), continuing one of that name;
+    one with a cv section, its k-fold cross-validation (one run per fold, then mean +- std).
     With --smoke, any workload (a cluster's too) runs shrunk to this machine, as a check.
     """
     _smoke_options_need_smoke(smoke, smoke_dir, track)
@@ -105,6 +106,9 @@ def run(
         return
     if spec.tune is not None:
         _sweep(file, spec, address, name, None, verbose, not no_tracking)
+        return
+    if spec.cv is not None:
+        _cross_validate(file, spec, address, name, verbose, not no_tracking)
         return
     hint = "rerun with --verbose for Ray's logs; checkpoints are kept"
     stopped = "the checkpoints are kept: run it again to resume"
@@ -193,6 +197,34 @@ def _sweep(
     typer.echo(f"  sweep directory: {result.path}")
     if result.mlflow_run_id:
         typer.echo(f"  MLflow run: {result.mlflow_run_id} (one nested run per trial)")
+    for note in result.notes:
+        typer.echo(f"  {note}")
+
+
+def _cross_validate(
+    file: Path,
+    spec: WorkloadSpec,
+    address: str | None,
+    name: str | None,
+    verbose: bool,
+    tracking: bool,
+) -> None:
+    from orchestrator.sweeps.cv import cv_lines
+
+    hint = "rerun with --verbose for Ray's logs; running it again retries the failed folds"
+    with exit_on_stop(), exit_on_error(file, failed="cross-validation failed", hint=hint):
+        result = api.cross_validate(
+            spec, address=address, name=name, verbose=verbose, tracking=tracking, log=typer.echo
+        )
+    typer.echo(
+        f"done: {len(result.folds)}-fold cross-validation {result.name} in {result.seconds:.0f} s"
+    )
+    for line in cv_lines(result):
+        typer.echo(f"  {line}")
+    typer.echo(f"cv {result.metric}: {result.mean:.4g} +- {result.std:.4g} (mean +- std)")
+    typer.echo(f"  cross-validation directory: {result.path}")
+    if result.mlflow_run_id:
+        typer.echo(f"  MLflow run: {result.mlflow_run_id} (one nested run per fold)")
     for note in result.notes:
         typer.echo(f"  {note}")
 

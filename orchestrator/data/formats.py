@@ -12,14 +12,26 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Literal
 
-from orchestrator.data import images, text
+from orchestrator.data import images, labeled_text, tabular, text
 from orchestrator.data.images import ImageSet
+from orchestrator.data.labeled_text import Record
 from orchestrator.data.sources import DataError, Source
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     import ray.data
 
-__all__ = ["FORMATS", "Format", "ImageFormat", "TextFormat", "detect_format"]
+    from orchestrator.spec import DataSpec
+
+__all__ = [
+    "FORMATS",
+    "Format",
+    "ImageFormat",
+    "LabeledTextFormat",
+    "TabularFormat",
+    "TextFormat",
+    "detect_format",
+]
 
 # DataSpec fields that change the shards of every format; each kind adds its own.
 COMMON_SETTINGS = ("eval_fraction", "limit", "shard_rows")
@@ -56,7 +68,32 @@ class ImageFormat:
     kind: Literal["image"] = field(default="image", init=False)
 
 
-Format = TextFormat | ImageFormat
+@dataclass(frozen=True)
+class TabularFormat:
+    """A table of feature columns and a label column: standardized, encoded feature vectors."""
+
+    read: Callable[[Source], pa.Table]  # the whole source as one table, on the driver
+    suffixes: tuple[str, ...] = ()
+    recognize: Callable[[list[str]], bool] | None = None
+    may_be_prepared: bool = False
+    settings: tuple[str, ...] = ("label_column", "features", "categorical")
+    kind: Literal["tabular"] = field(default="tabular", init=False)
+
+
+@dataclass(frozen=True)
+class LabeledTextFormat:
+    """Texts with a class label each: tokenized, framed as [CLS] text [SEP] and padded."""
+
+    # (source, data section) -> the checked records, on the driver
+    read: Callable[[Source, DataSpec], Iterator[Record]]
+    suffixes: tuple[str, ...] = ()  # never guessed: its files look like other formats' files
+    recognize: Callable[[list[str]], bool] | None = None
+    may_be_prepared: bool = False
+    settings: tuple[str, ...] = ("text_column", "label_column", "tokenizer", "seq_len")
+    kind: Literal["labeled_text"] = field(default="labeled_text", init=False)
+
+
+Format = TextFormat | ImageFormat | TabularFormat | LabeledTextFormat
 
 # The order is the order of the guess's suffix rules, and of the names in error messages.
 FORMATS: dict[str, Format] = {
@@ -70,6 +107,10 @@ FORMATS: dict[str, Format] = {
     "mnist": ImageFormat(images.read_mnist, recognize=images.looks_like_mnist),
     "cifar": ImageFormat(images.read_cifar, recognize=images.looks_like_cifar),
     "image_folder": ImageFormat(images.read_image_folder, suffixes=images.IMAGE_SUFFIXES),
+    # CSV or Parquet; "auto" picks it for .csv files only (.parquet is the text format's).
+    "tabular": TabularFormat(tabular.read_table, suffixes=(".csv",)),
+    # JSONL, CSV or Parquet with a text and a label column; only when named in data.format.
+    "labeled_text": LabeledTextFormat(labeled_text.records),
 }
 
 

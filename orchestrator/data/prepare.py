@@ -1,4 +1,5 @@
-"""Raw data -> cached, sharded Parquet: tokenized and packed text, or images with labels.
+"""Raw data -> cached, sharded Parquet: tokenized and packed text, and images, tabular feature
+vectors or tokenized texts with labels.
 
 A prepared dataset lives in `<cache_dir>/<source>-<key>/`: `manifest.json`, written last
 (atomically), names the `attempt-<id>/` directory holding `train/` and `eval/` shards and
@@ -8,7 +9,8 @@ The key hashes the source fingerprint and every setting that changes the output,
 tokenizer or setting makes a new entry instead of reusing a stale one.
 
 This module is the cache-keyed driver: `formats.FORMATS` says how each format is read,
-`text.py` and `images.py` turn a source of their kind into shards (`shards.py`).
+`text.py`, `images.py`, `tabular.py` and `labeled_text.py` turn a source of their kind into
+shards (`shards.py`).
 """
 
 from __future__ import annotations
@@ -27,10 +29,20 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from orchestrator.data.formats import COMMON_SETTINGS, FORMATS, Format, TextFormat, detect_format
+from orchestrator.data.formats import (
+    COMMON_SETTINGS,
+    FORMATS,
+    Format,
+    LabeledTextFormat,
+    TabularFormat,
+    TextFormat,
+    detect_format,
+)
 from orchestrator.data.images import prepare_images
+from orchestrator.data.labeled_text import prepare_labeled_text
 from orchestrator.data.shards import image_schema, text_schema, write_file
 from orchestrator.data.sources import DataError, Source, find_source
+from orchestrator.data.tabular import prepare_tabular
 from orchestrator.data.text import prepare_text
 from orchestrator.spec import DataSpec
 
@@ -56,6 +68,14 @@ class PreparedData:
     @property
     def kind(self) -> str:
         return self.manifest["kind"]
+
+    def tokenizer_json(self) -> str | None:
+        """The prepared tokenizer.json's text; None for data without one."""
+        name = (self.manifest.get("tokenizer") or {}).get("file")
+        if not name:
+            return None
+        with self.filesystem.open_input_stream(f"{self.root}/{name}" if self.root else name) as f:
+            return f.read().decode()
 
 
 def prepare(
@@ -93,6 +113,10 @@ def prepare(
 
             with ray_session(ray_address, verbose):
                 manifest = prepare_text(data, fmt, source, eval_source, fs, f"{root}/{attempt}")
+        elif isinstance(fmt, TabularFormat):
+            manifest = prepare_tabular(data, fmt, source, eval_source, fs, f"{root}/{attempt}")
+        elif isinstance(fmt, LabeledTextFormat):
+            manifest = prepare_labeled_text(data, fmt, source, eval_source, fs, f"{root}/{attempt}")
         else:
             manifest = prepare_images(data, fmt, source, eval_source, fs, f"{root}/{attempt}")
     except BaseException:

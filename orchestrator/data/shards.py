@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from orchestrator.files import write_atomic
 
-__all__ = ["ShardWriter", "held_out", "image_schema", "text_schema", "write_file"]
+__all__ = ["ShardWriter", "held_out", "image_schema", "tabular_schema", "text_schema", "write_file"]
 
 
 def text_schema(seq_len: int) -> pa.Schema:
@@ -21,6 +21,16 @@ def text_schema(seq_len: int) -> pa.Schema:
 
 def image_schema() -> pa.Schema:
     return pa.schema([("sample_id", pa.int64()), ("image", pa.binary()), ("label", pa.int64())])
+
+
+def tabular_schema(num_features: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("sample_id", pa.int64()),
+            ("features", pa.list_(pa.float32(), num_features)),
+            ("label", pa.int64()),
+        ]
+    )
 
 
 class ShardWriter:

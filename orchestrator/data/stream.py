@@ -24,17 +24,23 @@ of that.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypedDict, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, cast
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from orchestrator.data.labeled_text import labeled_text_schema
 from orchestrator.data.prepare import PreparedData, image_schema
+from orchestrator.data.shards import tabular_schema
 from orchestrator.data.sources import DataError
+
+if TYPE_CHECKING:
+    from orchestrator.data.folds import Fold
 
 __all__ = [
     "Batch",
@@ -54,13 +60,36 @@ __all__ = [
 T = TypeVar("T")
 
 
-def open_splits(prepared: PreparedData, seed: int, shuffle: bool = True) -> dict[str, Any]:
-    """Lazy Ray Datasets for the train (and, if present, eval) shards."""
+def open_splits(
+    prepared: PreparedData, seed: int, shuffle: bool = True, fold: Fold | None = None
+) -> dict[str, Any]:
+    """Lazy Ray Datasets for the train (and, if present, eval) shards.
+
+    With a cross-validation `fold`, both come from the training shards, filtered as they are
+    read: train is every other fold, eval this one (the eval shards are not read).
+    """
     import ray.data
     from ray.data import FileShuffleConfig
 
     check_shards(prepared)
     order = FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle else None
+    if fold is not None:
+        from orchestrator.data.folds import fold_filter
+
+        # A pyarrow filter, pushed into V1's scan of each file. Ray deprecates it for
+        # Dataset.filter(expr=...), whose expressions have no bitwise operations to hash with,
+        # and which would be a map stage after the read.
+        with _reading_context(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The `filter` argument", DeprecationWarning)
+            return {
+                split: ray.data.read_parquet(
+                    prepared.files("train"),
+                    filesystem=prepared.filesystem,
+                    shuffle=order if split == "train" else None,
+                    filter=fold_filter(fold, split),
+                )
+                for split in ("train", "eval")
+            }
     with _reading_context():
         splits = {
             "train": ray.data.read_parquet(
@@ -167,14 +196,19 @@ class Batch(TypedDict, total=False):
     """A batch as the training loop gets it: the prepared columns, text's or images'."""
 
     sample_id: torch.Tensor
-    input_ids: torch.Tensor  # text: (batch, seq_len) token ids
+    input_ids: torch.Tensor  # text, labeled text: (batch, seq_len) token ids
     image: list[bytes]  # images: raw pixels or encoded files, decoded on the worker
+    features: torch.Tensor  # tabular: (batch, num_features) float32, standardized
     label: torch.Tensor
 
 
 def _expected_schema(prepared: PreparedData) -> pa.Schema:
     if prepared.kind == "text":
         return pa.schema([("input_ids", pa.list_(pa.int32(), prepared.manifest["seq_len"]))])
+    if prepared.kind == "tabular":
+        return tabular_schema(prepared.manifest["tabular"]["num_features"])
+    if prepared.kind == "labeled_text":
+        return labeled_text_schema(prepared.manifest["seq_len"])
     return image_schema()
 
 
@@ -220,9 +254,12 @@ _END = object()
 
 
 def eval_batches(shard: Any, batch_size: int) -> Iterator[Batch]:
-    """A worker's eval shard in stored order, whole batches only (equal on every worker)."""
+    """A worker's eval shard in stored order, every row of it (a cross-validation evaluates
+    each sample of its fold): the last batch may be short. Ray Train splits eval data equally
+    (`streaming_split(equal=True)`), so every worker still runs as many batches, which ZeRO-3's
+    gathers in the forward pass need."""
     yield from shard.iter_torch_batches(
-        batch_size=batch_size, drop_last=True, collate_fn=_to_tensors
+        batch_size=batch_size, drop_last=False, collate_fn=_to_tensors
     )
 
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from orchestrator.data.shards import ShardWriter, held_out, text_schema, write_file
 from orchestrator.data.sources import DataError, Source
-from orchestrator.data.tokenizer import special_tokens, tokenizer_hash, train_tokenizer
+from orchestrator.data.tokenizer import special_tokens, tokenizer_facts, train_tokenizer
 from orchestrator.spec import DataSpec
 
 if TYPE_CHECKING:
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from orchestrator.data.formats import TextFormat
 
 __all__ = [
+    "decoded_lines",
     "jsonl_dataset",
     "jsonl_texts",
     "line_dataset",
@@ -81,16 +82,7 @@ def prepare_text(
         "kind": "text",
         "seq_len": data.seq_len,
         "splits": splits,
-        "tokenizer": {
-            "file": "tokenizer.json",
-            "kind": data.tokenizer.kind,
-            "hash": tokenizer_hash(tok),
-            "vocab_size": specials.vocab_size,
-            "pad_id": specials.pad,
-            "sep_id": specials.sep,
-            "cls_id": specials.cls,
-            "mask_id": specials.mask,
-        },
+        "tokenizer": tokenizer_facts(tok, data.tokenizer.kind),
     }
 
 
@@ -192,14 +184,14 @@ class _Packer:
 # tokenizer on them, one file at a time, without Ray.
 def line_texts(source: Source, path: str, column: str) -> Iterator[str]:
     """Plain text: every non-blank line is a record (the column does not apply)."""
-    for _, line in _decoded_lines(source, path):
+    for _, line in decoded_lines(source, path):
         if line.strip():
             yield line
 
 
 def jsonl_texts(source: Source, path: str, column: str) -> Iterator[str]:
     """JSON lines: the string field `column` of every non-blank line's object."""
-    for lineno, line in _decoded_lines(source, path):
+    for lineno, line in decoded_lines(source, path):
         if not line.strip():
             continue
         try:
@@ -221,7 +213,8 @@ def parquet_texts(source: Source, path: str, column: str) -> Iterator[str]:
         raise DataError(f"{path}: cannot read text column {column!r}: {exc}") from None
 
 
-def _decoded_lines(source: Source, path: str) -> Iterator[tuple[int, str]]:
+def decoded_lines(source: Source, path: str) -> Iterator[tuple[int, str]]:
+    """The lines of a text file, numbered from 1, decoded; DataError names a non-UTF-8 line."""
     with source.filesystem.open_input_stream(path) as f:
         for lineno, raw in enumerate(_lines(f), start=1):
             try:

@@ -11,7 +11,13 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from orchestrator.data.sources import DataError
 from orchestrator.spec import TokenizerSpec
 
-__all__ = ["SpecialTokens", "special_tokens", "tokenizer_hash", "train_tokenizer"]
+__all__ = [
+    "SpecialTokens",
+    "special_tokens",
+    "tokenizer_facts",
+    "tokenizer_hash",
+    "train_tokenizer",
+]
 
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 GPT_SPECIALS = ["<|endoftext|>", "<|pad|>"]
@@ -88,6 +94,21 @@ def special_tokens(tok: Tokenizer) -> SpecialTokens:
             "in its vocabulary"
         )
     return SpecialTokens(vocab_size=tok.get_vocab_size(), pad=vocab.get("<|pad|>", eos), sep=eos)
+
+
+def tokenizer_facts(tok: Tokenizer, kind: str) -> dict[str, object]:
+    """The manifest's record of a prepared tokenizer, saved beside the shards as tokenizer.json."""
+    specials = special_tokens(tok)
+    return {
+        "file": "tokenizer.json",
+        "kind": kind,
+        "hash": tokenizer_hash(tok),
+        "vocab_size": specials.vocab_size,
+        "pad_id": specials.pad,
+        "sep_id": specials.sep,
+        "cls_id": specials.cls,
+        "mask_id": specials.mask,
+    }
 
 
 def tokenizer_hash(tok: Tokenizer) -> str:

@@ -3,8 +3,9 @@
 A run trains in two legs on one local Ray: `LEG_STEPS` steps that end in an evaluation and a
 checkpoint, then the same run again to `SMOKE_STEPS`, which must resume from that checkpoint,
 evaluate, and export a model that plain torch loads and runs. A sweep runs `SWEEP_TRIALS`
-trials and exports the best. Each stage is checked, not assumed: a stage that did not happen
-fails the smoke run (SmokeFailed, exit code 1).
+trials and exports the best; a cross-validation runs `CV_FOLDS` folds, each evaluated on its
+whole fold, and exports each fold's model. Each stage is checked, not assumed: a stage that
+did not happen fails the smoke run (SmokeFailed, exit code 1).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from orchestrator.spec import WorkloadSpec
 
 if TYPE_CHECKING:
     from orchestrator.driver import RunResult
+    from orchestrator.sweeps.cv import CVResult
     from orchestrator.sweeps.results import SweepResult
 
 __all__ = ["DEFAULT_WORKDIR", "SmokeFailed", "SmokeResult", "Stage", "smoke"]
@@ -48,6 +50,7 @@ class SmokeResult:
     workdir: str = ""
     runs: list[RunResult] = field(default_factory=list)  # the legs, in order
     sweep: SweepResult | None = None
+    cv: CVResult | None = None
 
 
 def smoke(
@@ -83,10 +86,12 @@ def smoke(
         # The smoke directory's runs are its own scratch: each smoke run starts from nothing,
         # or its first leg would resume the last smoke run's checkpoints.
         shutil.rmtree(root / "runs" / spec.name, ignore_errors=True)
-        if shrunk.spec.tune is None:
-            _run_legs(shrunk.spec, result, verbose, track, log, on_progress)
-        else:
+        if shrunk.spec.tune is not None:
             _run_sweep(shrunk.spec, result, verbose, track, log)
+        elif shrunk.spec.cv is not None:
+            _run_cv(shrunk.spec, result, verbose, track, log)
+        else:
+            _run_legs(shrunk.spec, result, verbose, track, log, on_progress)
     result.seconds = time.monotonic() - started
     return result
 
@@ -162,6 +167,26 @@ def _run_sweep(
         raise SmokeFailed(f"no trial reported {spec.tune.metric}")
     result.stages.append(Stage("evaluate", f"best {spec.tune.metric} {sweep.best.metric:.4g}"))
     _check_export(sweep.model_dir, result)
+
+
+def _run_cv(
+    spec: WorkloadSpec,
+    result: SmokeResult,
+    verbose: bool,
+    track: bool,
+    log: Callable[[str], None],
+) -> None:
+    from orchestrator.sweeps.cv import run_cv
+
+    assert spec.cv is not None
+    cv = run_cv(spec, resume=False, verbose=verbose, tracking=track, log=log)  # every fold ran
+    result.cv = cv
+    result.stages.append(Stage("prepare", f"data in {spec.data.cache_dir}"))
+    rows = ", ".join(f"fold {f.fold}: {f.train_rows} train / {f.eval_rows} eval" for f in cv.folds)
+    result.stages.append(Stage("folds", rows))
+    result.stages.append(Stage("evaluate", f"{cv.metric} {cv.mean:.4g} +- {cv.std:.4g}"))
+    # Each fold's trial exports its model like a sweep trial's (trial.py).
+    _check_export(f"{cv.path}/trial_{cv.folds[0].trial_id}/train/model", result)
 
 
 def _check_steps(run: RunResult, steps: int, result: SmokeResult) -> None:

@@ -15,6 +15,8 @@ and scheduler) and shrinks what only decides how long it takes:
 - training: `SMOKE_STEPS` steps of at most `MAX_MICRO_BATCH` samples (gradient accumulation
   kept, at 2 micro-steps), evaluated and checkpointed every `LEG_STEPS`, reporting every step;
 - sweep: `SWEEP_TRIALS` trials, schedulers allowed to act after one report;
+- cross-validation: `CV_FOLDS` folds (one trial each, like a sweep's), each evaluated once on
+  its whole fold;
 - storage, data cache and MLflow: under the smoke directory, never the workload's own;
   tracking only when asked, into a store there.
 
@@ -51,6 +53,7 @@ MAX_SEQ_LEN = 128
 MAX_MICRO_BATCH = 2
 WORKER_CPU = 0.5
 SWEEP_TRIALS = 2
+CV_FOLDS = 2
 PROBE_TIMEOUT_S = 15.0
 SHUFFLE_BUFFER = 256
 # Scaled-down shapes, used only when a model's states do not fit this machine.
@@ -120,10 +123,11 @@ class Shrinking:
         # Listing a bucket can take seconds; sizing the model meanwhile imports its library.
         self._probes = Probes(spec.data)
         self._edit = edit = _Edit(spec.model_dump(mode="python"))
-        sweep = spec.tune is not None
+        sweep = spec.tune is not None or spec.cv is not None  # a cv's folds are sweep trials
         _scaling(edit, sweep)
         _training(edit, workdir, sweep)
         _tune(edit)
+        _cv(edit)
         _tracking(edit, workdir, track)
         _fit_model(edit, _validate(edit), available_memory)
         _check_local_sources(spec.data)
@@ -325,6 +329,19 @@ def _tune(edit: _Edit) -> None:
         edit.set("tune.scheduler.grace_period", 1, "ASHA may stop a trial after one evaluation")
     if scheduler == "pbt":
         edit.set("tune.scheduler.perturbation_interval", 1, "PBT acts after one checkpoint")
+
+
+def _cv(edit: _Edit) -> None:
+    if edit.get("cv") is None:
+        return
+    fold = edit.get("cv.fold")
+    edit.set("cv.folds", CV_FOLDS, f"{CV_FOLDS} folds")
+    if fold is not None:
+        edit.set("cv.fold", min(fold, CV_FOLDS - 1), f"one of the {CV_FOLDS} folds")
+    edit.set("cv.max_concurrent_folds", None, "as many as fit here")
+    # Each fold's evaluation covers its whole fold (cv refuses eval_batches): once is enough.
+    edit.set("train.eval_batches", None, "a cross-validation evaluates whole folds")
+    edit.set("train.eval_every", None, "each fold evaluated once, at its end")
 
 
 def _tracking(edit: _Edit, workdir: Path, track: bool) -> None:

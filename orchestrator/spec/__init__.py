@@ -15,6 +15,7 @@ from orchestrator.spec.base import (
     SpecFieldError,
 )
 from orchestrator.spec.cluster import ClusterSpec, RuntimeEnvSpec
+from orchestrator.spec.cv import CVSpec, fold_workloads
 from orchestrator.spec.data import (
     FORMAT_INPUTS,
     DataFormat,
@@ -23,13 +24,23 @@ from orchestrator.spec.data import (
     TokenizerSpec,
 )
 from orchestrator.spec.distributed import DeepSpeedSpec, ScalingSpec
+from orchestrator.spec.export import (
+    DEFAULT_TOLERANCE,
+    EXPORT_FORMATS,
+    ExportFormat,
+    ExportSpec,
+    unexportable,
+)
 from orchestrator.spec.model import (
+    BINARY_METRICS,
     MODEL_SECTIONS,
     TASK_METRICS,
+    BertClassifierModel,
     BertMLMModel,
     CNNModel,
     CustomModel,
     GPTModel,
+    MLPModel,
     ModelSpec,
     ResNetModel,
     Task,
@@ -57,6 +68,9 @@ from orchestrator.spec.tune import (
 from orchestrator.spec.workload import WorkloadSpec, workload_schema
 
 __all__ = [
+    "BINARY_METRICS",
+    "DEFAULT_TOLERANCE",
+    "EXPORT_FORMATS",
     "FORMAT_INPUTS",
     "MAX_NAME_LENGTH",
     "MODEL_SECTIONS",
@@ -64,16 +78,21 @@ __all__ = [
     "NAME_RULE",
     "STREAM_DATA_FIELDS",
     "TASK_METRICS",
+    "BertClassifierModel",
     "BertMLMModel",
     "CNNModel",
+    "CVSpec",
     "ClusterSpec",
     "CustomModel",
     "DataFormat",
     "DataSpec",
     "DeepSpeedSpec",
     "Domain",
+    "ExportFormat",
+    "ExportSpec",
     "GPTModel",
     "Inputs",
+    "MLPModel",
     "MLflowSpec",
     "ModelSpec",
     "NonNegativeInt",
@@ -96,6 +115,7 @@ __all__ = [
     "TuneSpec",
     "WorkloadSpec",
     "derived_name",
+    "fold_workloads",
     "name_problem",
     "parse_condition",
     "reported_metrics",
@@ -103,5 +123,6 @@ __all__ = [
     "sampled",
     "section_kind",
     "tune_problems",
+    "unexportable",
     "workload_schema",
 ]

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "IMPORT_PATH",
     "Inputs",
     "NonNegativeInt",
     "PositiveFloat",
@@ -17,10 +18,13 @@ __all__ = [
 ]
 
 # What a model consumes and a data format yields; a model and its data must agree on it.
-Inputs = Literal["tokens", "images"]
+Inputs = Literal["tokens", "images", "features", "labeled_tokens"]
 
 # A dotted field path (relative to the model raising it) and what is wrong there.
 Problem = tuple[tuple[str, ...], str]
+
+# 'package.module:function': how a workload names code of its own (model.build, train.step).
+IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
 
 class SpecFieldError(ValueError):

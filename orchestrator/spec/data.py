@@ -6,11 +6,20 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from orchestrator.spec.base import Inputs, NonNegativeInt, PositiveInt, Section, SpecFieldError
+from orchestrator.spec.base import (
+    Inputs,
+    NonNegativeInt,
+    PositiveInt,
+    Problem,
+    Section,
+    SpecFieldError,
+)
 
 __all__ = ["FORMAT_INPUTS", "DataFormat", "DataSpec", "StreamSettings", "TokenizerSpec"]
 
-DataFormat = Literal["auto", "parquet", "text", "jsonl", "mnist", "cifar", "image_folder"]
+DataFormat = Literal[
+    "auto", "parquet", "text", "jsonl", "mnist", "cifar", "image_folder", "tabular", "labeled_text"
+]
 # What each source format yields; None where only the data itself can tell (checked at prepare).
 FORMAT_INPUTS: dict[DataFormat, Inputs | None] = {
     "auto": None,
@@ -20,6 +29,8 @@ FORMAT_INPUTS: dict[DataFormat, Inputs | None] = {
     "mnist": "images",
     "cifar": "images",
     "image_folder": "images",
+    "tabular": "features",
+    "labeled_text": "labeled_tokens",
 }
 
 
@@ -47,13 +58,26 @@ class _DataSource(Section):
     # What is prepared, and how: changing any of these prepares the data anew.
     train: str = Field(
         description="Training data: Parquet shards (dir, glob) or a raw source "
-        "(.txt/.jsonl corpus, MNIST idx, CIFAR batches, image folder); local path or s3:// gs://."
+        "(.txt/.jsonl corpus, MNIST idx, CIFAR batches, image folder, .csv table); "
+        "local path or s3:// gs://."
     )
     eval: str | None = Field(
         None, description="Evaluation data; null splits eval_fraction off the training source."
     )
     format: DataFormat = Field("auto", description="Source format; auto guesses from the path.")
     text_column: str = Field("text", description="Column or JSON key holding the text.")
+    label_column: str = Field(
+        "label", description="Column (or JSON key) holding the class label of labeled data."
+    )
+    features: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Tabular feature columns, in order; null: every column but the label.",
+    )
+    categorical: list[str] = Field(
+        default_factory=list,
+        description="Tabular feature columns holding categories, not numbers (one-hot encoded).",
+    )
     tokenizer: TokenizerSpec = Field(
         default_factory=TokenizerSpec, description="Tokenizer for text sources."
     )
@@ -66,6 +90,28 @@ class _DataSource(Section):
     )
     shard_rows: PositiveInt = Field(8192, description="Rows per prepared Parquet shard.")
     cache_dir: str = Field(".orch/data", description="Where prepared datasets are cached.")
+
+    @model_validator(mode="after")
+    def _tabular_columns_agree(self) -> _DataSource:
+        problems: list[Problem] = []
+        label, features = self.label_column, self.features
+        if features is not None and label in features:
+            problems.append((("features",), f"lists the label column {label!r}; drop it there"))
+        if features is not None and len(set(features)) < len(features):
+            twice = sorted({c for c in features if features.count(c) > 1})
+            problems.append((("features",), f"lists {twice} more than once"))
+        strays = [c for c in self.categorical if c == label or (features and c not in features)]
+        if strays:
+            problems.append(
+                (
+                    ("categorical",),
+                    f"{strays} are not feature columns; list them in data.features (or set "
+                    "features: null to take every column but the label)",
+                )
+            )
+        if problems:
+            raise SpecFieldError(problems)
+        return self
 
 
 class StreamSettings(Section):

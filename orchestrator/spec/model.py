@@ -11,15 +11,18 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from orchestrator.spec.base import Inputs, PositiveInt, Section, SpecFieldError
+from orchestrator.spec.base import IMPORT_PATH, Inputs, PositiveInt, Section, SpecFieldError
 
 __all__ = [
+    "BINARY_METRICS",
     "MODEL_SECTIONS",
     "TASK_METRICS",
+    "BertClassifierModel",
     "BertMLMModel",
     "CNNModel",
     "CustomModel",
     "GPTModel",
+    "MLPModel",
     "ModelSpec",
     "ResNetModel",
     "Task",
@@ -32,6 +35,8 @@ Task = Literal["classification", "causal_lm", "masked_lm"]
 
 _TRAIN_METRICS = ("loss", "samples_per_s", "step_time_s", "data_wait_share")
 _LM_METRICS = (*_TRAIN_METRICS, "tokens_per_s", "eval_loss", "eval_accuracy", "eval_perplexity")
+# Classification metrics defined for two classes only: reported when the prepared data has two.
+BINARY_METRICS = ("eval_roc_auc",)
 # The metrics the training loop reports for each task (what a sweep can optimize).
 TASK_METRICS: dict[Task, tuple[str, ...]] = {
     "classification": (
@@ -41,6 +46,7 @@ TASK_METRICS: dict[Task, tuple[str, ...]] = {
         "eval_precision",
         "eval_recall",
         "eval_f1",
+        *BINARY_METRICS,
     ),
     "masked_lm": _LM_METRICS,
     "causal_lm": _LM_METRICS,
@@ -90,6 +96,28 @@ class BertMLMModel(_TransformerModel):
     kind: Literal["bert_mlm"] = Field(description="Model family.")
 
 
+class BertClassifierModel(_TransformerModel):
+    """A BERT encoder with a classification head, for labeled text (data.format: labeled_text).
+
+    The classes come from the data; the attention mask from the tokenizer's pad id.
+    """
+
+    task: ClassVar[Task] = "classification"
+    inputs: ClassVar[Inputs | None] = "labeled_tokens"
+
+    kind: Literal["bert_classifier"] = Field(description="Model family.")
+    pooling: Literal["mean", "cls"] = Field(
+        "mean",
+        description="What the head reads: the mean of the unpadded tokens' states, or the "
+        "[CLS] state through BERT's pooler (an MLM-only pretraining never trains [CLS] alone).",
+    )
+    pretrained: str | None = Field(
+        None,
+        description="Encoder weights to start from: an orch export directory of a bert_mlm "
+        "run (model.json, state_dict.pt) or a save_pretrained directory; the head starts fresh.",
+    )
+
+
 class GPTModel(_TransformerModel):
     """GPT-2 style causal language model (transformers' GPT2LMHeadModel)."""
 
@@ -132,6 +160,23 @@ class CNNModel(Section):
     pretrained: str | None = Field(None, description="Local path of a saved state dict.")
 
 
+class MLPModel(Section):
+    """A multilayer perceptron for tabular data: its input width and classes come from the data."""
+
+    task: ClassVar[Task] = "classification"
+    inputs: ClassVar[Inputs | None] = "features"
+
+    kind: Literal["mlp"] = Field(description="Model family.")
+    hidden_sizes: list[PositiveInt] = Field(
+        [64, 64], max_length=8, description="Width of each hidden layer; [] is a linear model."
+    )
+    activation: Literal["relu", "gelu", "tanh", "silu"] = Field(
+        "relu", description="Nonlinearity after each hidden layer."
+    )
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout after each hidden layer.")
+    batch_norm: bool = Field(False, description="BatchNorm after each hidden linear layer.")
+
+
 class CustomModel(Section):
     """A model of your own: an import path to a function that returns an nn.Module."""
 
@@ -141,7 +186,7 @@ class CustomModel(Section):
     kind: Literal["custom"] = Field(description="Model family.")
     build: str = Field(
         description="Import path 'package.module:function'; called with `args` as keywords.",
-        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        pattern=IMPORT_PATH,
     )
     args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for build.")
     task: Task = Field(
@@ -150,7 +195,7 @@ class CustomModel(Section):
 
 
 ModelSpec = Annotated[
-    BertMLMModel | GPTModel | ResNetModel | CNNModel | CustomModel,
+    BertMLMModel | GPTModel | ResNetModel | CNNModel | CustomModel | MLPModel | BertClassifierModel,
     Field(discriminator="kind"),
 ]
 

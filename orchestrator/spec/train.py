@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from orchestrator.spec.base import NonNegativeInt, PositiveFloat, PositiveInt, Section
+from orchestrator.spec.base import (
+    IMPORT_PATH,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Problem,
+    Section,
+    SpecFieldError,
+)
+from orchestrator.spec.distributed import DeepSpeedSpec
 
-__all__ = ["OptimizerSpec", "SchedulerSpec", "TrainSpec"]
+__all__ = ["OptimizerSpec", "SchedulerSpec", "TrainSpec", "step_problems"]
 
 
 class OptimizerSpec(Section):
@@ -50,6 +59,19 @@ class TrainSpec(Section):
         "fp32", description="Training precision: fp32, bf16 (mixed) or fp16 (mixed, GPU only)."
     )
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer.")
+    step: str | None = Field(
+        None,
+        description="A training step of your own, 'package.module:function', called as "
+        "step(ctx, batch) for every micro batch (see orchestrator.train.custom_step); "
+        "null: the built-in step.",
+        pattern=IMPORT_PATH,
+    )
+    optimizers: dict[str, OptimizerSpec] | None = Field(
+        None,
+        min_length=1,
+        description="With train.step: one optimizer per named sub-module of the model "
+        "(sub-module name -> optimizer); null: one train.optimizer over the whole model.",
+    )
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="LR schedule.")
     grad_clip: PositiveFloat | None = Field(1.0, description="Clip gradient norm; null: no clip.")
     eval_every: PositiveInt | None = Field(
@@ -67,3 +89,40 @@ class TrainSpec(Section):
     storage_path: str = Field(
         "./orch_runs", description="Where runs and checkpoints are stored (local dir or s3://)."
     )
+
+    @model_validator(mode="after")
+    def _optimizers_need_a_step(self) -> TrainSpec:
+        if self.optimizers is not None and self.step is None:
+            raise SpecFieldError(
+                [
+                    (
+                        ("optimizers",),
+                        "optimizers per sub-module need a training step of your own "
+                        "(train.step); the built-in step trains one train.optimizer",
+                    )
+                ]
+            )
+        return self
+
+
+def step_problems(train: TrainSpec, deepspeed: DeepSpeedSpec | None) -> list[Problem]:
+    """What a custom training step cannot run with (it drives plain DDP and fp32/bf16 only)."""
+    if train.step is None:
+        return []
+    problems: list[Problem] = []
+    if deepspeed is not None:
+        problems.append(
+            (
+                ("deepspeed",),
+                "a custom training step (train.step) runs with plain DDP only; remove the "
+                "deepspeed section, or train.step",
+            )
+        )
+    if train.precision == "fp16":
+        problems.append(
+            (
+                ("train", "precision"),
+                "a custom training step (train.step) runs in fp32 or bf16; use one of those",
+            )
+        )
+    return problems

@@ -151,7 +151,8 @@ def tune_problems(spec: WorkloadSpec, tune: TuneSpec) -> list[Problem]:
                 )
             )
     reported = reported_metrics(spec.model)
-    if tune.metric not in reported:
+    # A custom step reports metrics of its own choosing, known only once it runs.
+    if spec.train.step is None and tune.metric not in reported:
         problems.append(
             (
                 ("tune", "metric"),

@@ -8,18 +8,25 @@ from pydantic import Field, field_validator, model_validator
 
 from orchestrator.spec.base import Inputs, Problem, Section, SpecFieldError
 from orchestrator.spec.cluster import ClusterSpec
-from orchestrator.spec.data import FORMAT_INPUTS, DataSpec
+from orchestrator.spec.cv import CVSpec, cv_problems
+from orchestrator.spec.data import FORMAT_INPUTS, DataFormat, DataSpec
 from orchestrator.spec.distributed import DeepSpeedSpec, ScalingSpec
+from orchestrator.spec.export import ExportSpec, export_list_schema, export_problems
 from orchestrator.spec.model import ModelSpec, _TransformerModel
 from orchestrator.spec.names import MAX_NAME_LENGTH, NAME_PATTERN, name_problem
 from orchestrator.spec.tracking import TrackingSpec
-from orchestrator.spec.train import TrainSpec
+from orchestrator.spec.train import TrainSpec, step_problems
 from orchestrator.spec.tune import TuneSpec, sampled, tune_problems
 
-__all__ = ["WorkloadSpec", "workload_schema"]
+__all__ = ["WorkloadSpec", "inputs_mismatch", "workload_schema"]
 
 # How an error names each kind of input to the person who wrote the workload.
-_INPUT_WORDS: dict[Inputs, str] = {"tokens": "text", "images": "images"}
+_INPUT_WORDS: dict[Inputs, str] = {
+    "tokens": "text",
+    "images": "images",
+    "features": "tabular features",
+    "labeled_tokens": "labeled text",
+}
 
 
 class WorkloadSpec(Section):
@@ -37,6 +44,15 @@ class WorkloadSpec(Section):
     )
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Workers and resources.")
     tune: TuneSpec | None = Field(None, description="A hyperparameter sweep; null: a single run.")
+    cv: CVSpec | None = Field(
+        None, description="k-fold cross-validation on the training split; null: a single run."
+    )
+    export: ExportSpec | None = Field(
+        None,
+        description="Export the final model to these formats (onnx, torchscript) at the end of "
+        "the run, each checked against eager PyTorch on eval batches; null: no export.",
+        json_schema_extra=export_list_schema,
+    )
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Run tracking.")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="Where jobs go.")
 
@@ -73,8 +89,14 @@ class WorkloadSpec(Section):
                 )
             )
         problems += self._model_fits_data()
-        if self.tune is not None:
+        problems += step_problems(t, self.deepspeed)
+        if self.tune is not None and self.cv is None:  # with cv: refused as a whole, below
             problems += tune_problems(self, self.tune)
+        if self.cv is not None:
+            problems += cv_problems(self, self.cv)
+        problems += export_problems(
+            self.export, self.model.kind, sweep=self.tune is not None, cv=self.cv is not None
+        )
         if problems:
             raise SpecFieldError(problems)
         return self
@@ -90,13 +112,18 @@ class WorkloadSpec(Section):
                     f"{data.seq_len} exceeds model.max_seq_len {model.max_seq_len}",
                 )
             )
-        takes, gives = model.inputs, FORMAT_INPUTS[data.format]
-        if takes is not None and gives is not None and takes != gives:
+        if (mismatch := inputs_mismatch(model, data.format)) is not None:
+            problems.append((("data", "format"), mismatch))
+        pretrained = getattr(model, "pretrained", None)
+        if isinstance(model, _TransformerModel) and pretrained and data.tokenizer.kind != "file":
+            # A tokenizer trained anew numbers its tokens its own way: the pretrained embeddings
+            # would train on, silently meaning other tokens.
             problems.append(
                 (
-                    ("data", "format"),
-                    f"{model.kind} trains on {_INPUT_WORDS[takes]}, "
-                    f"not {data.format} {_INPUT_WORDS[gives]}",
+                    ("data", "tokenizer", "kind"),
+                    f"model.pretrained needs the tokenizer its weights were trained with, not a "
+                    f"new {data.tokenizer.kind} one: set data.tokenizer: "
+                    f"{{kind: file, path: {pretrained}/tokenizer.json}}",
                 )
             )
         return problems
@@ -107,6 +134,19 @@ class WorkloadSpec(Section):
         Raises pydantic's ValidationError when a value does not fit; `sample_errors` words it.
         """
         return sampled(self, values)
+
+
+def inputs_mismatch(model: ModelSpec, data_format: DataFormat) -> str | None:
+    """Why `model` cannot train on data of this format; None when it can, or when only the
+    prepared data can tell (auto, parquet)."""
+    takes, gives = model.inputs, FORMAT_INPUTS[data_format]
+    if takes is None or gives is None or takes == gives:
+        return None
+    fitting = " or ".join(f for f, yields in FORMAT_INPUTS.items() if yields == takes)
+    return (
+        f"{model.kind} trains on {_INPUT_WORDS[takes]}, not {data_format} {_INPUT_WORDS[gives]}"
+        + (f"; use data.format: {fitting}" if fitting else "")
+    )
 
 
 def workload_schema() -> dict[str, Any]:

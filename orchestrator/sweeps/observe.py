@@ -125,6 +125,8 @@ class SweepObserver:
             "orch.trial_id": trial.trial_id,
             "orch.sample": json.dumps(trial.config, default=str),
         }
+        if spec.cv is not None and spec.cv.fold is not None:  # one fold of a cross-validation
+            tags["orch.cv_fold"] = str(spec.cv.fold)
         run_dir = self.local_dir / f"trial_{trial.trial_id}"
         try:
             self.children[trial.trial_id] = self.parent.child(

@@ -16,7 +16,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
@@ -30,12 +30,13 @@ from orchestrator.train.trainer import PreparedRun
 if TYPE_CHECKING:
     from orchestrator.tracking import Tracker
 from orchestrator.sweeps.observe import SweepObserver, register, unregister
-from orchestrator.sweeps.results import SweepResult, finish, row
+from orchestrator.sweeps.results import SweepResult, TrialRow, finish, row
 from orchestrator.sweeps.trial import TrialSetup, plan_splits, trains_in_trial, trial_resources
 
-__all__ = ["SweepInterrupted", "run_sweep"]
+__all__ = ["EndedTrials", "SweepInterrupted", "run_sweep", "run_trials"]
 
 SWEEP_SPEC = "orch_sweep.yaml"
+T = TypeVar("T")
 
 
 class SweepInterrupted(Stopped):
@@ -57,12 +58,60 @@ def run_sweep(
     resume: True continues an existing sweep, False refuses one, None continues it if it
     exists (what `orch run` does, as it does for runs).
     """
+    if spec.tune is None:
+        raise RunError("the workload has no tune section; use orch run")
+    return run_trials(
+        spec,
+        _ranked,
+        address=address,
+        name=name,
+        resume=resume,
+        verbose=verbose,
+        tracking=tracking,
+        log=log,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class EndedTrials:
+    """A sweep whose trials have all ended, as its conclusion gets it."""
+
+    spec: WorkloadSpec
+    name: str
+    path: str  # the sweep's directory (local path or URI)
+    local: Path  # where its local files go
+    run: PreparedRun  # the data the trials shared
+    results: list[Any]  # Tune's Result of each trial
+    rows: list[TrialRow]
+    parent: Tracker | None  # the sweep's MLflow run, still open: the conclusion ends it
+    notes: list[str]
+    seconds: float
+
+
+def _ranked(ended: EndedTrials) -> SweepResult:
+    """A sweep's conclusion: its trials ranked, the best one's workload and model kept."""
+    e = ended
+    return finish(e.spec, e.name, e.path, e.local, e.rows, e.parent, e.notes, e.seconds)
+
+
+def run_trials(
+    spec: WorkloadSpec,
+    conclude: Callable[[EndedTrials], T],
+    *,
+    address: str | None,
+    name: str | None,
+    resume: bool | None,
+    verbose: bool,
+    tracking: bool,
+    log: Callable[[str], None],
+) -> T:
+    """Run (or continue) the trials of `spec.tune` to their end, then `conclude` them (a
+    sweep ranks them, a cross-validation summarizes its folds: sweeps/cv.py)."""
     from orchestrator.ray_session import ray_session
     from orchestrator.runlock import run_lock
     from orchestrator.train.trainer import check_inputs, local_dir, storage_uri
 
-    if spec.tune is None:
-        raise RunError("the workload has no tune section; use orch run")
+    assert spec.tune is not None
     started = time.monotonic()
     name = name or spec.name
     check_inputs(spec)
@@ -85,10 +134,13 @@ def run_sweep(
             log(f"tracking: MLflow run {parent.run_id} (one nested run per trial)")
         observer = SweepObserver(spec, name, parent, data_hash, local, log)
         try:
-            datasets = plan_splits(spec, run) if trains_in_trial(spec) else None
+            # The folds of a cross-validation each read their own splits (unless it runs one).
+            shared = trains_in_trial(spec) and (spec.cv is None or spec.cv.fold is not None)
+            datasets = plan_splits(spec, run) if shared else None
             setup = TrialSetup(spec=spec, run=run, sweep_path=path, janitor=None, datasets=datasets)
+            kind = "cross-validation" if spec.cv is not None else "sweep"  # sweeps/cv.py
             log(
-                f"{'resuming' if restoring else 'starting'} sweep {name}: {concurrency} "
+                f"{'resuming' if restoring else 'starting'} {kind} {name}: {concurrency} "
                 f"trial(s) at a time, in {path}"
             )
             grid = _fit(setup, observer, concurrency, restoring, verbose)
@@ -98,7 +150,8 @@ def run_sweep(
                     f"sweep {name} stopped with {unfinished} trial(s) unfinished; its state "
                     "is saved: continue it with orch tune FILE --resume",
                 )
-            rows = [row(result, spec.tune.metric, spec.tune.space) for result in grid]
+            results = list(grid)
+            rows = [row(result, spec.tune.metric, spec.tune.space) for result in results]
         except BaseException as error:  # stopped or failed: its MLflow runs end all the same
             if parent is not None:
                 status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
@@ -106,7 +159,9 @@ def run_sweep(
                     log(note)
             raise
     seconds = time.monotonic() - started
-    return finish(spec, name, path, local, rows, parent, observer.notes, seconds)
+    return conclude(
+        EndedTrials(spec, name, path, local, run, results, rows, parent, observer.notes, seconds)
+    )
 
 
 def _prepare_and_check(
@@ -117,7 +172,8 @@ def _prepare_and_check(
 
     assert spec.tune is not None
     run = prepare_run(spec, address=address, verbose=verbose, log=log)
-    if spec.tune.metric.startswith("eval_") and not run.prepared.files("eval"):
+    # A cross-validation evaluates on its folds of the training split, not on the eval split.
+    if spec.tune.metric.startswith("eval_") and not run.prepared.files("eval") and not spec.cv:
         raise RunError(f"tune.metric: {spec.tune.metric} needs eval data, and there is none")
     return run
 

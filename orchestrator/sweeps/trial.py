@@ -29,6 +29,7 @@ from ray.train import UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator.spec import WorkloadSpec, sample_errors
+from orchestrator.tracking.protocol import ARTIFACTS
 from orchestrator.train.checkpoint import checkpoint_uri
 from orchestrator.train.trainer import PreparedRun
 
@@ -70,15 +71,18 @@ class TrialSetup:
 
 
 def plan_splits(spec: WorkloadSpec, run: PreparedRun) -> dict[str, Any]:
-    """The workload's splits, in the data order it asks for."""
+    """The workload's splits, in the data order it asks for (a cv fold's: its own folds)."""
     from orchestrator.data import open_splits
+    from orchestrator.train.trainer import workload_fold
 
-    seed, shuffle = _data_order(spec)
-    return open_splits(run.prepared, seed=seed, shuffle=shuffle)
+    seed, shuffle, _ = _data_order(spec)
+    return open_splits(run.prepared, seed=seed, shuffle=shuffle, fold=workload_fold(spec))
 
 
-def _data_order(spec: WorkloadSpec) -> tuple[int, bool]:
-    return spec.train.seed, spec.data.shuffle_buffer > 0
+def _data_order(spec: WorkloadSpec) -> tuple[int, bool, int | None]:
+    """What decides a trial's splits: the seed, shuffling, and its cross-validation fold."""
+    fold = spec.cv.fold if spec.cv is not None else None
+    return spec.train.seed, spec.data.shuffle_buffer > 0, fold
 
 
 def trains_in_trial(spec: WorkloadSpec) -> bool:
@@ -152,7 +156,8 @@ class _ToTune:
 
         if self.metric not in metrics or (self.pbt and checkpoint_uri is None):
             return
-        metrics = metrics | self.extra
+        # A report's files (a custom step's samples) are for `orch run`'s tracker, not Tune.
+        metrics = {k: v for k, v in metrics.items() if k != ARTIFACTS} | self.extra
         if checkpoint_uri is not None:
             metrics |= {"checkpoint_path": checkpoint_uri}
         with_checkpoint = self.pbt and checkpoint_uri is not None
@@ -190,7 +195,7 @@ def _train_here(
             raise bad from None
         raise
     if saved := checkpoint_dirs(run_dir):
-        export_checkpoint(ray.train.Checkpoint(saved[-1]), run_dir, config)
+        export_checkpoint(ray.train.Checkpoint(saved[-1]), run_dir, config, setup.run.prepared)
 
 
 def _final_report(checkpoint: str) -> dict[str, Any] | None:
@@ -251,7 +256,7 @@ def _train_with_trainer(
         result = trainer.fit() if channel is None else _fit_reporting(trainer, channel, to_tune)
     except ray.train.TrainingFailedError as exc:
         raise explain(exc, setup.run.prepared) from None
-    export_final(result, config)
+    export_final(result, config, setup.run.prepared)
 
 
 class _MetricReports(TuneReportCallback):

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.masking import mask, public_spec, public_yaml
 from orchestrator.spec import MLflowSpec, WorkloadSpec
 from orchestrator.tracking.buffer import PENDING, ReportBuffer
+from orchestrator.tracking.files import log_files
 from orchestrator.tracking.model_log import log_model
-from orchestrator.tracking.protocol import TrackingError
+from orchestrator.tracking.protocol import ARTIFACTS, TrackingError
 from orchestrator.tracking.server import default_tracking_uri, first_line, quick_requests
 
 if TYPE_CHECKING:
@@ -121,6 +122,8 @@ class MlflowTracker:
         self.last.update(metrics)
         self.pending.add(step, metrics)
         self.pending.flush(self.client, self.run_id, quick=True)
+        if files := event.get(ARTIFACTS):
+            log_files(self.client, self.run_id, files)
 
     # ------------------------------------------------------------------ at the end
     def summary(

@@ -56,6 +56,7 @@ def log_model(
     import torch
 
     import orchestrator
+    from orchestrator.exporting import export_files
     from orchestrator.models import LogitsOnly, load_exported
 
     meta = json.loads(Path(model_dir, "model.json").read_text())
@@ -90,6 +91,8 @@ def log_model(
             serialization_format="pickle",
         )
         mlflow.log_artifact(str(Path(model_dir, "model.json")), "model_export")
+        for exported in export_files(model_dir):  # ONNX, TorchScript: the workload's `export:`
+            mlflow.log_artifact(str(exported), "model_export")
     notes = []
     if settings.register_as:
         client.set_tag(run_id, "orch.promoted", str(promote).lower())

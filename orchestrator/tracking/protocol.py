@@ -9,7 +9,12 @@ from typing import Any, Protocol
 from orchestrator.errors import TrackingError
 from orchestrator.spec import WorkloadSpec
 
-__all__ = ["Tracker", "TrackingError"]
+__all__ = ["ARTIFACTS", "Tracker", "TrackingError"]
+
+# A report's files for the tracker, beside its metrics: {artifact path: base64 bytes}, such as
+# a custom step's grid of samples ("samples/step-00000100.png"). A report reaches the driver as
+# plain values, so small files travel in it rather than through storage the driver may not see.
+ARTIFACTS = "artifacts"
 
 
 class Tracker(Protocol):
@@ -37,7 +42,7 @@ class Tracker(Protocol):
         ...
 
     def log(self, event: Mapping[str, Any]) -> None:
-        """Record one report's metrics at its step."""
+        """Record one report's metrics at its step, and its files (`event[ARTIFACTS]`)."""
         ...
 
     def mark(self, status: str) -> None:

@@ -15,7 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from orchestrator.models import DataInfo
 from orchestrator.spec import DeepSpeedSpec, ModelSpec, StreamSettings, TrainSpec
 
-__all__ = ["DatasetFacts", "ImageFacts", "TokenizerFacts", "WorkerConfig"]
+__all__ = [
+    "DatasetFacts",
+    "ImageFacts",
+    "LabelFacts",
+    "TabularFacts",
+    "TokenizerFacts",
+    "WorkerConfig",
+]
 
 
 class _Facts(BaseModel):
@@ -44,14 +51,31 @@ class ImageFacts(_Facts):
     num_classes: int
 
 
+class TabularFacts(_Facts):
+    """The width of the prepared feature vectors and the label classes (sorted names)."""
+
+    num_features: int = Field(gt=0)
+    num_classes: int = Field(gt=1)
+    class_names: list[str]
+
+
+class LabelFacts(_Facts):
+    """The classes of labeled text: their names, in the order of their ids."""
+
+    num_classes: int = Field(gt=1)
+    names: list[str]
+
+
 class DatasetFacts(_Facts):
     """What the prepared data's manifest says, as far as the training loop is concerned."""
 
-    kind: Literal["text", "image"]
+    kind: Literal["text", "image", "tabular", "labeled_text"]
     train_rows: int = Field(ge=0)
     seq_len: int | None = None
     tokenizer: TokenizerFacts | None = None
     image: ImageFacts | None = None
+    tabular: TabularFacts | None = None
+    labels: LabelFacts | None = None
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> DatasetFacts:
@@ -62,6 +86,8 @@ class DatasetFacts(_Facts):
                 "seq_len": manifest.get("seq_len"),
                 "tokenizer": manifest.get("tokenizer"),
                 "image": manifest.get("image"),
+                "tabular": manifest.get("tabular"),
+                "labels": manifest.get("labels"),
             }
         )
 

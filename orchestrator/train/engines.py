@@ -11,13 +11,16 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from torch import nn
 
 from orchestrator.spec import DeepSpeedSpec, OptimizerSpec, SchedulerSpec, TrainSpec
 from orchestrator.train.session import Session
+
+if TYPE_CHECKING:
+    from orchestrator.train.custom_step import StepEngine
 
 __all__ = [
     "DDPEngine",
@@ -236,7 +239,8 @@ class DeepSpeedEngine:
         self.model.train(on)
 
 
-Engine = DDPEngine | DeepSpeedEngine  # what the training loop drives
+# What the training loop drives; a StepEngine runs a custom train.step (custom_step.py).
+Engine = Union[DDPEngine, DeepSpeedEngine, "StepEngine"]
 
 
 def make_engine(
@@ -247,6 +251,10 @@ def make_engine(
     accum: int,
     total_steps: int,
 ) -> Engine:
+    if train.step is not None:  # the spec allows a custom step with plain DDP only
+        from orchestrator.train.custom_step import StepEngine  # it imports this module
+
+        return StepEngine(model, train, session, accum, total_steps)
     if ds is None:
         return DDPEngine(model, train, session, accum, total_steps)
     return DeepSpeedEngine(model, train, ds, session.world, total_steps)

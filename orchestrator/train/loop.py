@@ -13,6 +13,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,7 +37,9 @@ from orchestrator.train.checkpoint import (
     write_manifest,
 )
 from orchestrator.train.config import WorkerConfig
+from orchestrator.train.custom_step import StepEngine
 from orchestrator.train.engines import Engine, accumulation_steps, make_engine, no_grad_eval
+from orchestrator.train.roc_auc import AUC_BINS, roc_auc, score_histogram
 from orchestrator.train.session import Session, TrainSession, intact_checkpoint
 
 if TYPE_CHECKING:
@@ -133,10 +136,15 @@ def run_loop(cfg: WorkerConfig, session: Session) -> None:
                 continue
             window.wait += time.perf_counter() - wait_started
             inputs, labels = _prepare(batch, task, cfg, engine, mask_gen)
-            with engine.forward_context():
-                loss = _loss(engine.model(inputs), labels, task)
-            window.add_loss(loss.detach().float().item(), len(labels))
-            if not engine.backward(loss):
+            if isinstance(engine, StepEngine):  # train.step: the workload's own step
+                stepped = engine.run((inputs, labels))
+                window.samples += len(labels)
+            else:
+                with engine.forward_context():
+                    loss = _loss(engine.model(inputs), labels, task)
+                window.add_loss(loss.detach().float().item(), len(labels))
+                stepped = engine.backward(loss)
+            if not stepped:
                 wait_started = time.perf_counter()
                 continue
             step += 1
@@ -148,7 +156,10 @@ def run_loop(cfg: WorkerConfig, session: Session) -> None:
                 metrics = window.flush(step, epoch, engine.lr(), cfg, world) | {
                     "total_steps": total
                 }
-                if evaluate:
+                if isinstance(engine, StepEngine):  # its metrics, evaluation and samples
+                    evaluated = _eval_inputs(eval_shard(), task, cfg, engine) if evaluate else None
+                    metrics = engine.report(metrics, evaluated)
+                elif evaluate:
                     metrics |= _evaluate(eval_shard(), task, cfg, engine)
                 position = (
                     (epoch, consumed) if consumed < _batches_hint(cfg, world) else (epoch + 1, 0)
@@ -221,6 +232,11 @@ def _prepare(
         )
     elif task == "causal_lm":
         inputs = labels = batch["input_ids"].long()
+    elif cfg.dataset.kind == "tabular":
+        inputs = batch["features"].to(engine.input_dtype)
+        labels = batch["label"].long()
+    elif cfg.dataset.kind == "labeled_text":  # token ids; the model masks the padding itself
+        inputs, labels = batch["input_ids"].long(), batch["label"].long()
     else:
         image = cfg.dataset.image
         assert image is not None  # image data: the manifest says how it is stored
@@ -257,12 +273,16 @@ def _loss(output: Any, labels: torch.Tensor, task: str) -> torch.Tensor:
 
 
 def _evaluate(shard: Any, task: str, cfg: WorkerConfig, engine: Engine) -> dict[str, float]:
-    """Loss and accuracy (LMs: perplexity; classifiers: macro precision/recall/F1) on eval data."""
+    """Loss and accuracy (LMs: perplexity; classifiers: macro precision/recall/F1, and ROC
+    AUC for two classes) on eval data."""
     if shard is None:
         return {}
     gen = torch.Generator().manual_seed(cfg.train.seed)  # the same masks at every evaluation
     classes = cfg.data_info.num_classes or 1
     confusion = torch.zeros(classes, classes, dtype=torch.float64)
+    # Binary problems also get ROC AUC, from score histograms that sum across workers.
+    binary = task == "classification" and classes == 2
+    scores = torch.zeros(2, AUC_BINS, dtype=torch.float64)
     loss_sum = correct = count = 0.0
     with no_grad_eval(engine):
         for i, batch in enumerate(eval_batches(shard, cfg.train.micro_batch_size)):
@@ -284,6 +304,8 @@ def _evaluate(shard: Any, task: str, cfg: WorkerConfig, engine: Engine) -> dict[
                     .reshape(classes, classes)
                     .double()
                 )
+            if binary:
+                scores += score_histogram(flat[keep].softmax(-1)[:, 1], target[keep])
     totals = _all_sum(torch.tensor([loss_sum, correct, count], dtype=torch.float64))
     loss_sum, correct, count = totals.tolist()
     if count == 0:
@@ -300,9 +322,24 @@ def _evaluate(shard: Any, task: str, cfg: WorkerConfig, engine: Engine) -> dict[
             eval_recall=recall.mean().item(),
             eval_f1=f1.mean().item(),
         )
+        if binary and (auc := roc_auc(_all_sum(scores))) is not None:
+            out["eval_roc_auc"] = auc
     else:
         out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
     return out
+
+
+def _eval_inputs(
+    shard: Any, task: str, cfg: WorkerConfig, engine: Engine
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This worker's eval batches as (inputs, labels), at most train.eval_batches of them."""
+    if shard is None:
+        return
+    gen = torch.Generator().manual_seed(cfg.train.seed)  # the same masks at every evaluation
+    for i, batch in enumerate(eval_batches(shard, cfg.train.micro_batch_size)):
+        if cfg.train.eval_batches and i >= cfg.train.eval_batches:
+            return
+        yield _prepare(batch, task, cfg, engine, gen)
 
 
 def _all_sum(tensor: torch.Tensor) -> torch.Tensor:

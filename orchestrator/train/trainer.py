@@ -7,16 +7,21 @@ against the model, the plan checked), `worker_config` makes the typed config eac
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from orchestrator.errors import RunError, TrainingFailed
+from orchestrator.files import write_atomic
 from orchestrator.models import DataInfo, ModelError, config_hash, resolve_custom
-from orchestrator.spec import WorkloadSpec
+from orchestrator.spec import BINARY_METRICS, CVSpec, DataFormat, WorkloadSpec, fold_workloads
+from orchestrator.spec.workload import inputs_mismatch
 from orchestrator.train.checkpoint import CheckpointMismatch, Manifest, export_model, manifest_in
 from orchestrator.train.config import DatasetFacts, WorkerConfig
+from orchestrator.train.custom_step import check_optimizers, load_step
 from orchestrator.train.engines import accumulation_steps
 from orchestrator.train.loop import steps_per_epoch, train_loop
 
@@ -24,6 +29,7 @@ if TYPE_CHECKING:
     import ray.train
 
     from orchestrator.data import PreparedData
+    from orchestrator.data.folds import Fold
 
 __all__ = [
     "PreparedRun",
@@ -38,6 +44,7 @@ __all__ = [
     "resumable_checkpoint",
     "storage_uri",
     "worker_config",
+    "workload_fold",
 ]
 
 
@@ -48,17 +55,24 @@ class PreparedRun:
     prepared: PreparedData
     dataset: DatasetFacts
     info: DataInfo  # what the model takes from the data: vocabulary, classes, channels
+    # Training rows in each cross-validation fold (`cv.folds` of them); empty without cv.
+    fold_sizes: tuple[int, ...] = ()
 
 
 def check_inputs(spec: WorkloadSpec) -> None:
     """Refuse, as RunError, a data source that is not there or a custom model that does not
     import: before Ray starts (seconds), not after."""
     from orchestrator.data import DataError
+    from orchestrator.data.formats import detect_format
     from orchestrator.data.sources import find_source
 
     try:
         if spec.model.kind == "custom":
             resolve_custom(spec.model.build)
+        if spec.train.step is not None:
+            load_step(spec.train.step)  # imports it, checks its parameters and its hooks
+            if spec.model.kind == "custom":  # built without data facts: its optimizers now
+                check_optimizers(spec.model, spec.train, DataInfo())
         for source in (spec.data.train, spec.data.eval):
             if source is not None:
                 find_source(source)
@@ -66,6 +80,12 @@ def check_inputs(spec: WorkloadSpec) -> None:
         raise RunError(f"data: {exc}") from None
     except ModelError as exc:
         raise RunError(str(exc)) from None
+    # What `auto` makes of the files, against what the model takes: a classifier pointed at
+    # plain JSONL would otherwise have its data prepared as a language model's.
+    with contextlib.suppress(DataError):  # a format it cannot tell: prepare says so, in full
+        guessed = detect_format(find_source(spec.data.train), spec.data.format)
+        if (mismatch := inputs_mismatch(spec.model, cast(DataFormat, guessed))) is not None:
+            raise RunError(f"data.format: {spec.data.train} reads as {guessed}: {mismatch}")
 
 
 def prepare_run(
@@ -93,16 +113,70 @@ def prepare_run(
     try:
         if address is None:
             check_here(spec, run.info)
+        check_optimizers(spec.model, spec.train, run.info)
     except (PlanError, ModelError) as exc:
         raise RunError(str(exc)) from None
-    worker_config(spec, run)  # the workload's batches must fit the data
+    if spec.cv is not None:
+        run = dataclasses.replace(run, fold_sizes=_fold_sizes(spec.cv, prepared))
+    for each in fold_workloads(spec):  # the workload's batches must fit the data (each fold's)
+        worker_config(each, run)
+    if spec.tune is not None and spec.tune.metric in BINARY_METRICS and run.info.num_classes != 2:
+        raise RunError(
+            f"tune.metric: {spec.tune.metric} is reported for two classes only, and the data "
+            f"has {run.info.num_classes or 'no'} classes; sweep on eval_f1 or eval_accuracy"
+        )
     return run
+
+
+def _fold_sizes(cv: CVSpec, prepared: PreparedData) -> tuple[int, ...]:
+    """Rows of each fold of the training split; RunError when a fold would be empty."""
+    from orchestrator.data import DataError
+    from orchestrator.data.folds import fold_sizes
+
+    try:
+        sizes = fold_sizes(prepared, cv.folds)
+    except DataError as exc:
+        raise RunError(f"data: {exc}") from None
+    if empty := [i for i, n in enumerate(sizes) if n == 0]:
+        raise RunError(
+            f"cv.folds: {cv.folds} folds of {sum(sizes)} training rows leave fold(s) "
+            f"{', '.join(map(str, empty))} without a sample to evaluate; use fewer folds "
+            "or more data"
+        )
+    return tuple(sizes)
+
+
+def workload_fold(spec: WorkloadSpec) -> Fold | None:
+    """The cross-validation fold a workload trains for, if it is one fold of a cv."""
+    from orchestrator.data.folds import Fold
+
+    if spec.cv is None or spec.cv.fold is None:
+        return None
+    return Fold(spec.cv.fold, spec.cv.folds)
 
 
 def _data_info(spec: WorkloadSpec, dataset: DatasetFacts) -> DataInfo:
     """What the model takes from the data, checked against what the spec says of it."""
+    takes_features = spec.model.inputs == "features"
+    if takes_features != (dataset.kind == "tabular") and spec.model.inputs is not None:
+        raise RunError(
+            f"data: {spec.model.kind} cannot train on {dataset.kind} data "
+            f"({spec.data.train}): mlp trains on tabular data (data.format: tabular), "
+            "and on nothing else"
+        )
+    if dataset.tabular is not None:
+        return DataInfo(
+            num_classes=dataset.tabular.num_classes, num_features=dataset.tabular.num_features
+        )
     if dataset.kind == "text":
         return DataInfo(vocab_size=dataset.tokenizer.vocab_size if dataset.tokenizer else None)
+    if dataset.labels is not None and dataset.tokenizer is not None:  # labeled text
+        return DataInfo(
+            vocab_size=dataset.tokenizer.vocab_size,
+            num_classes=dataset.labels.num_classes,
+            pad_id=dataset.tokenizer.pad_id,
+            seq_len=dataset.seq_len,
+        )
     image = dataset.image
     assert image is not None, "an image dataset's manifest describes its images"
     num_classes = image.num_classes
@@ -127,6 +201,9 @@ def worker_config(
     `initial_checkpoint` (a path or URI) starts a new run from another run's weights.
     """
     dataset = run.dataset
+    if (fold := workload_fold(spec)) is not None:  # trains on every fold but its own
+        rows = dataset.train_rows - run.fold_sizes[fold.index]
+        dataset = dataset.model_copy(update={"train_rows": rows})
     if spec.model.task == "masked_lm" and not (dataset.tokenizer and dataset.tokenizer.mask_id):
         raise RunError(
             f"data: {spec.model.kind} trains a masked LM, which needs a tokenizer with a [MASK] "
@@ -186,29 +263,50 @@ def build_trainer(
             callbacks=callbacks,
         ),
         datasets=open_splits(
-            run.prepared, seed=spec.train.seed, shuffle=spec.data.shuffle_buffer > 0
+            run.prepared,
+            seed=spec.train.seed,
+            shuffle=spec.data.shuffle_buffer > 0,
+            fold=workload_fold(spec),
         ),
         dataset_config=ingest_config(),
     )
 
 
-def export_final(result: ray.train.Result, config: WorkerConfig) -> str | None:
+def export_final(
+    result: ray.train.Result, config: WorkerConfig, data: PreparedData | None = None
+) -> str | None:
     """Export the run's last checkpoint as a plain fp32 model next to it; None without one."""
     if result.checkpoint is None:
         return None
-    return export_checkpoint(result.checkpoint, result.path, config)
+    return export_checkpoint(result.checkpoint, result.path, config, data)
 
 
-def export_checkpoint(checkpoint: ray.train.Checkpoint, run_path: str, config: WorkerConfig) -> str:
+def export_checkpoint(
+    checkpoint: ray.train.Checkpoint,
+    run_path: str,
+    config: WorkerConfig,
+    data: PreparedData | None = None,
+) -> str:
+    """`data`: the run's prepared data, recorded so that `orch export` checks on real batches."""
+    from orchestrator.exporting.samples import check_data
+
+    dataset = config.dataset.model_dump(mode="json")
+    model_dir = os.path.join(local_dir(run_path), "model")
+    if data is not None and (tokenizer := data.tokenizer_json()) is not None:
+        # Beside the weights, for the workload that fine-tunes them (data.tokenizer.kind: file);
+        # before model.json, which export_model writes last.
+        os.makedirs(model_dir, exist_ok=True)
+        write_atomic(os.path.join(model_dir, "tokenizer.json"), tokenizer)
     with checkpoint.as_directory() as directory:
         return export_model(
             directory,
-            os.path.join(local_dir(run_path), "model"),
+            model_dir,
             {
                 "model": config.model.model_dump(mode="json"),
                 "data": config.data_info.__dict__,
                 "kind": config.model.kind,
                 "task": config.model.task,
+                **({"check_data": check_data(data, dataset)} if data is not None else {}),
             },
         )
 
