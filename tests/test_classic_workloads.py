@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,7 @@ def test_tabular_mlp_on_breast_cancer_matches_logistic_regression(
         f"data.cache_dir={quoted(data_cache)}",
         f"train.storage_path={quoted(tmp_path / 'runs')}",
         "scaling.max_failures=0",
+        "export=[onnx, torchscript]",
     ]
     result = orch.run(workload, sets, tracking=False)
     m = result.metrics
@@ -148,13 +150,20 @@ def test_tabular_mlp_on_breast_cancer_matches_logistic_regression(
     assert abs(mlp["accuracy"] - lr["accuracy"]) <= 0.02, (mlp, lr)
     assert mlp["roc_auc"] >= 0.97
 
-    # The exported model on the prepared vectors: its eval accuracy (on every eval row; the
-    # loop's evaluation drops the last partial batch) agrees with the reported one.
+    # The exported model on the prepared vectors: the evaluation saw every eval row, so its
+    # accuracy is the reported one exactly.
     model = load_exported(result.model_dir).eval()
     with torch.no_grad():
         predicted = model(torch.from_numpy(eval_x)).argmax(-1).numpy()
     exported_accuracy = float((predicted == eval_y).mean())
-    assert abs(exported_accuracy - mlp["accuracy"]) <= 0.02, (exported_accuracy, mlp)
+    assert exported_accuracy == pytest.approx(mlp["accuracy"]), (exported_accuracy, mlp)
+    # The trained MLP exported at the run's end (`export:`), each checked against eager.
+    assert result.model_dir is not None
+    exports = json.loads((Path(result.model_dir) / "exports.json").read_text())
+    assert sorted(exports) == ["onnx", "torchscript"]
+    assert all(e["max_abs_diff"] <= 1e-4 for e in exports.values()), exports
+    assert (Path(result.model_dir) / "model.onnx").is_file()
+    assert (Path(result.model_dir) / "model.torchscript.pt").is_file()
 
 
 def _features(prepared: object, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -311,7 +320,7 @@ def test_text_classifier_fine_tuned_from_an_orch_pretraining_against_tfidf(
     baseline = LogisticRegression(C=10.0, solver="saga", max_iter=200).fit(features, train_y)
     tfidf_predicted = baseline.predict(vectorizer.transform([records[i]["text"] for i in eval_ids]))
 
-    # The exported classifier on every eval row (the loop's evaluation drops a partial batch).
+    # The exported classifier on every eval row, in the order of the baseline's.
     model = load_exported(result.model_dir).eval()
     with torch.no_grad():
         logits = torch.cat([model(torch.from_numpy(b)) for b in np.array_split(eval_x, 8)])

@@ -299,3 +299,22 @@ def test_a_missing_local_source_is_refused_not_generated(tmp_path: Path) -> None
     assert result.exit_code == 2, result.output
     assert f"{missing}: no such file or directory" in result.output
     assert "GENERATED" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("workload", "sets"),
+    [
+        ("tabular_mlp.yaml", []),
+        ("text_classifier.yaml", ["model.pretrained=null"]),
+        ("mnist_gan.yaml", []),
+    ],
+)
+def test_the_classic_workloads_shrink_before_their_data_is_read(
+    tmp_path: Path, workload: str, sets: list[str]
+) -> None:
+    """A model sized by its data (an MLP's input width, a classifier's classes) is sized for the
+    memory check from stand-ins, before the data is prepared."""
+    spec = load_workload(LOCAL / workload, ["data.train=.", *sets])
+    shrunk = shrink(spec, tmp_path)
+    assert shrunk.spec.model == spec.model
+    assert shrunk.spec.scaling.num_workers <= 2

@@ -363,6 +363,11 @@ def _validate(edit: _Edit) -> WorkloadSpec:
         raise RunError(f"the smoke rules made an invalid workload: {exc}") from None
 
 
+# Feature columns assumed when sizing a tabular model before its data is read: wider than most
+# tables, so a model that fits with it fits with the real one.
+_SIZING_FEATURES = 1024
+
+
 def _fit_model(edit: _Edit, spec: WorkloadSpec, available: float | None) -> None:
     """The model, scaled down to the same kind if its states would not fit in memory here."""
     import psutil
@@ -372,10 +377,15 @@ def _fit_model(edit: _Edit, spec: WorkloadSpec, available: float | None) -> None
 
     available = available if available is not None else psutil.virtual_memory().available
     model = spec.model
+    # The data is not prepared yet: classes, features and padding stand in for what the data
+    # will say, only to size the model (they change nothing but a head or a first layer).
     info = DataInfo(
         vocab_size=getattr(model, "vocab_size", None) or spec.data.tokenizer.vocab_size,
-        num_classes=getattr(model, "num_classes", None),
+        num_classes=getattr(model, "num_classes", None) or 2,
         channels=getattr(model, "in_channels", None),
+        num_features=_SIZING_FEATURES,
+        pad_id=0,
+        seq_len=spec.data.seq_len,
     )
     fits = spec.scaling, spec.train, spec.deepspeed
     try:
@@ -391,7 +401,7 @@ def _fit_model(edit: _Edit, spec: WorkloadSpec, available: float | None) -> None
             "through its arguments (--set model.args.NAME=VALUE)"
         )
     why = f"scaled down: {too_big}"
-    if model.kind in ("bert_mlm", "gpt_lm"):
+    if model.kind in ("bert_mlm", "gpt_lm", "bert_classifier"):
         for key, value in _SMALL_TRANSFORMER.items():
             edit.set(f"model.{key}", value, why)
     elif model.kind == "resnet":
