@@ -98,6 +98,15 @@ def test_five_fold_cross_validation_of_the_tabular_mlp(
     assert "trial" not in refused.output  # before any trial started
     assert not list((tmp_path / "runs").glob("too-many-folds/trial_*"))
 
+    # More folds at once than this machine holds: the error names the cv's own setting.
+    args = ["run", str(workload), "--name", "too-wide"]
+    for item in [*sets, "cv.max_concurrent_folds=9"]:
+        args += ["--set", item]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2, refused.output
+    assert "cv.max_concurrent_folds: 9 folds at once do not fit here" in refused.output
+    assert "tune." not in refused.output
+
 
 def _sample_ids(fs: object, path: str) -> np.ndarray:
     import pyarrow.parquet as pq

@@ -59,6 +59,39 @@ def test_text_corpus_is_tokenized_packed_and_split(shared_data: Path, tmp_path: 
     assert "citizen" in text  # the corpus opens with "First Citizen:"
 
 
+def test_an_eval_source_leaves_every_training_record_in_train(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """data.eval replaces the held-out share (eval_fraction applies only when eval is null)."""
+    split = prepare(shakespeare(shared_data, tmp_path))
+    held = split.manifest["splits"]
+    (tmp_path / "eval.txt").write_text("A short play, for evaluation only.\n" * 40)
+    given = prepare(shakespeare(shared_data, tmp_path, eval=str(tmp_path / "eval.txt")))
+    rows = {s: given.manifest["splits"][s]["rows"] for s in ("train", "eval")}
+    assert rows["train"] == held["train"]["rows"] + held["eval"]["rows"]
+    assert 0 < rows["eval"] < 40  # the eval file's own sequences, and nothing else
+    # Images alike: 20 training images, a separate eval folder of 4.
+    from PIL import Image
+
+    for folder, count in (("imgs", 10), ("eval_imgs", 2)):
+        for cls in ("cat", "dog"):
+            (tmp_path / folder / cls).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (8, 8)).save(tmp_path / folder / cls / f"{i}.png")
+    images = prepare(
+        DataSpec(
+            train=str(tmp_path / "imgs"),
+            eval=str(tmp_path / "eval_imgs"),
+            eval_fraction=0.5,
+            cache_dir=str(tmp_path / "c"),
+        )
+    )
+    assert {s: images.manifest["splits"][s]["rows"] for s in ("train", "eval")} == {
+        "train": 20,
+        "eval": 4,
+    }
+
+
 def test_cache_is_reused_and_keyed_by_everything_that_matters(
     shared_data: Path, tmp_path: Path
 ) -> None:
@@ -301,8 +334,12 @@ def test_mnist_truncated_file(tmp_path: Path) -> None:
 
 
 def test_unknown_format(tmp_path: Path) -> None:
+    (tmp_path / "a.dat").write_text("x\n")
+    with pytest.raises(DataError, match=r"cannot tell the format.*set data\.format to one of"):
+        prepare(DataSpec(train=str(tmp_path / "a.dat"), cache_dir=str(tmp_path)))
+    # A .csv is a table now (format: tabular): one without the label column says which it lacks.
     (tmp_path / "a.csv").write_text("x\n")
-    with pytest.raises(DataError, match=r"cannot tell the format.*set data\.format"):
+    with pytest.raises(DataError, match=r"a\.csv: no label column 'label' \(data\.label_column\)"):
         prepare(DataSpec(train=str(tmp_path / "a.csv"), cache_dir=str(tmp_path)))
 
 

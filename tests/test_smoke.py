@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from orchestrator import Problem, SpecError, load_workload
 from orchestrator.cli import app
 from orchestrator.smoketest import shrink
+from orchestrator.smoketest.shrink import cpu_has_bf16
 
 WORKLOADS = ROOT / "workloads"
 RUN_STAGES = ["prepare", "train", "evaluate", "checkpoint", "resume", "train", "export"]
@@ -36,7 +37,7 @@ def test_shrinking_keeps_what_decides_and_says_what_it_changed(
     spec = load_workload(
         WORKLOADS / "bert_pretrain.yaml", [f"data.train={corpus}", "data.eval=null"]
     )
-    shrunk = shrink(spec, tmp_path / "smoke")
+    shrunk = shrink(spec, tmp_path / "smoke", cpu_bf16=True)
     s = shrunk.spec
     # What decides whether the workload works stays...
     assert s.model == spec.model
@@ -64,9 +65,29 @@ def test_gpu_only_precision_maps_to_its_cpu_equivalent(tmp_path: Path) -> None:
         WORKLOADS / "resnet50_imagenet.yaml",
         ["train.precision=fp16", "data.train=.", "data.eval=null", "deepspeed=null"],
     )
-    shrunk = shrink(spec, tmp_path)
+    shrunk = shrink(spec, tmp_path, cpu_bf16=True)
     assert shrunk.spec.train.precision == "bf16"
     assert any(c.field == "train.precision" and "GPU" in c.why for c in shrunk.changes)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_cpu_without_bf16_smoke_runs_in_fp32(tmp_path: Path, precision: str) -> None:
+    """Emulated bf16 made the BERT-base smoke run 10 minutes long here (25x fp32's step)."""
+    spec = load_workload(
+        WORKLOADS / "bert_pretrain.yaml",
+        [f"train.precision={precision}", "data.train=.", "data.eval=null"],
+    )
+    shrunk = shrink(spec, tmp_path, cpu_bf16=False)
+    assert shrunk.spec.train.precision == "fp32"
+    (change,) = [c for c in shrunk.changes if c.field == "train.precision"]
+    assert str(change).startswith(f"train.precision: {precision} -> fp32 (")
+    assert "bf16" in change.why
+    # The rest of what decides whether it works stays.
+    assert shrunk.spec.deepspeed == spec.deepspeed and shrunk.spec.model == spec.model
+    # fp32 is fp32 on any CPU.
+    fp32 = load_workload(WORKLOADS / "bert_pretrain.yaml", ["train.precision=fp32", "data.train=."])
+    changed = {c.field for c in shrink(fp32, tmp_path, cpu_bf16=False).changes}
+    assert "train.precision" not in changed
 
 
 def test_a_model_too_big_for_this_machine_is_scaled_down_in_kind(tmp_path: Path) -> None:
@@ -134,6 +155,8 @@ def test_the_cluster_bert_workload_smoke_runs_from_the_command_line(
     assert result.exit_code == 0, result.output
     out = result.output
     assert "scaling.num_workers: 16 -> 2" in out
+    if not cpu_has_bf16():  # its bf16 would be emulated: 10 minutes instead of under one
+        assert "train.precision: bf16 -> fp32" in out
     assert "WARNING: s3://my-bucket/corpus/train/ is unreachable" in out
     assert "smoke run of bert-base-pretrain passed" in out
     for stage in ("evaluate:", "checkpoint:", "resume: from step 2", "export:"):

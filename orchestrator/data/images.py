@@ -69,13 +69,13 @@ def prepare_images(
         s: ShardWriter(fs, f"{root}/{s}", image_schema(), data.shard_rows)
         for s in ("train", "eval")
     }
+    # An eval source replaces the held-out share: every training image trains.
+    fraction = 0.0 if eval_source is not None else data.eval_fraction
     next_id = 0
     for image_set in sets:
         n = len(image_set.images) if data.limit is None else min(data.limit, len(image_set.images))
         for i in range(n):
-            split = image_set.split or (
-                "eval" if held_out(next_id, data.eval_fraction) else "train"
-            )
+            split = image_set.split or ("eval" if held_out(next_id, fraction) else "train")
             writers[split].add(next_id, image_set.images[i], int(image_set.labels[i]))
             next_id += 1
     splits = {s: w.close() for s, w in writers.items()}

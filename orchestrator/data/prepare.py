@@ -49,7 +49,7 @@ from orchestrator.spec import DataSpec
 __all__ = ["MANIFEST", "PreparedData", "image_schema", "prepare", "text_schema"]
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1  # bump when the shard layout changes, so old caches are not reused
+FORMAT_VERSION = 2  # bump when the shard layout or split changes, so old caches are not reused
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,8 @@ def prepare_text(
         for s in ("train", "eval")
     }
     packer = _Packer(data.seq_len, specials.sep, specials.cls)
+    # An eval source replaces the held-out share: every training sequence trains.
+    fraction = 0.0 if eval_source is not None else data.eval_fraction
     next_id = 0
     tokens = {"train": 0, "eval": 0}
     for src, forced in ((source, None), (eval_source, "eval")):
@@ -67,7 +69,7 @@ def prepare_text(
             continue
         for doc_ids in tokenized(src, fmt, data, tok.to_str()):
             for seq in packer.add(doc_ids):
-                split = forced or ("eval" if held_out(next_id, data.eval_fraction) else "train")
+                split = forced or ("eval" if held_out(next_id, fraction) else "train")
                 writers[split].add(next_id, seq)
                 tokens[split] += len(seq)
                 next_id += 1

@@ -1,12 +1,15 @@
 """The rules that shrink any workload to a smoke run on this machine (`orch run --smoke`).
 
 A smoke run keeps what decides whether a workload works (the model kind and size, the data
-format and tokenizer, the DeepSpeed stage, the precision where a CPU has it, the sweep's space
+format and tokenizer, the DeepSpeed stage, the precision where this CPU has it, the sweep's space
 and scheduler) and shrinks what only decides how long it takes:
 
 - scaling: at most 2 CPU workers of half a CPU each (1 per sweep trial, so two trials fit
   beside Ray Data), no GPU, placement PACK (one machine);
-- precision: fp16, which needs a GPU, becomes bf16; bf16 and fp32 stay;
+- precision: fp16, which needs a GPU, becomes bf16; bf16 stays where this CPU has bf16
+  instructions (AVX-512 BF16, AMX, Arm's BF16) and becomes fp32 where it has not: emulated, a
+  BERT-base step runs about 25x slower than in fp32 (a 10-minute smoke run instead of 40 s);
+  fp32 stays;
 - data: at most `SAMPLE_RECORDS` source records, sequences of at most `MAX_SEQ_LEN` tokens, a
   small shuffle buffer; a remote source that does not answer within `PROBE_TIMEOUT_S` is
   replaced by generated data of the same kind (text or images), and the change says so;
@@ -101,9 +104,16 @@ def shrink(
     *,
     track: bool = False,
     available_memory: float | None = None,
+    cpu_bf16: bool | None = None,
 ) -> Shrunk:
-    """`spec` shrunk to a smoke run whose files all live under `workdir`."""
-    return Shrinking(spec, workdir, track=track, available_memory=available_memory).finish()
+    """`spec` shrunk to a smoke run whose files all live under `workdir`.
+
+    `available_memory` and `cpu_bf16` stand in for this machine's (free bytes; whether its CPU
+    computes in bf16 natively) where given.
+    """
+    return Shrinking(
+        spec, workdir, track=track, available_memory=available_memory, cpu_bf16=cpu_bf16
+    ).finish()
 
 
 class Shrinking:
@@ -118,6 +128,7 @@ class Shrinking:
         *,
         track: bool = False,
         available_memory: float | None = None,
+        cpu_bf16: bool | None = None,
     ):
         self._spec, self._workdir = spec, workdir
         # Listing a bucket can take seconds; sizing the model meanwhile imports its library.
@@ -125,6 +136,7 @@ class Shrinking:
         self._edit = edit = _Edit(spec.model_dump(mode="python"))
         sweep = spec.tune is not None or spec.cv is not None  # a cv's folds are sweep trials
         _scaling(edit, sweep)
+        _precision(edit, cpu_has_bf16() if cpu_bf16 is None else cpu_bf16)
         _training(edit, workdir, sweep)
         _tune(edit)
         _cv(edit)
@@ -185,8 +197,32 @@ def _scaling(edit: _Edit, sweep: bool) -> None:
     )
     edit.set("scaling.placement_strategy", "PACK", "one machine")
     edit.set("scaling.max_failures", min(edit.get("scaling.max_failures"), 1), "fail fast")
-    if edit.get("train.precision") == "fp16":
+
+
+def _precision(edit: _Edit, cpu_bf16: bool) -> None:
+    precision = edit.get("train.precision")
+    if precision == "fp16" and cpu_bf16:
         edit.set("train.precision", "bf16", "fp16 needs a GPU; bf16 is its CPU equivalent")
+    elif precision == "fp16":
+        edit.set("train.precision", "fp32", "fp16 needs a GPU, and this CPU has no bf16 either")
+    elif precision == "bf16" and not cpu_bf16:
+        # Emulated bf16 changes nothing a smoke run checks but its length.
+        edit.set(
+            "train.precision",
+            "fp32",
+            "this CPU has no bf16 instructions: emulated, bf16 runs ~25x slower than fp32",
+        )
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively, as oneDNN (torch's CPU kernels) finds it."""
+    import torch
+
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:  # a torch built without oneDNN: its bf16 is emulated too
+        return False
 
 
 def _training(edit: _Edit, workdir: Path, sweep: bool) -> None:
