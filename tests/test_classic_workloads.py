@@ -40,9 +40,13 @@ def test_five_fold_cross_validation_of_the_tabular_mlp(
         "tracking.mlflow.experiment=cv-test",
     ]
 
-    result = orch.cross_validate(workload, sets)
+    lines: list[str] = []
+    result = orch.cross_validate(workload, sets, log=lines.append)
 
     assert [(f.fold, f.status) for f in result.folds] == [(i, "DONE") for i in range(5)]
+    # Progress names folds, as the user wrote them, not Tune's trials.
+    for f in result.folds:
+        assert f"fold {f.fold} (trial {f.trial_id}) finished" in lines, lines
     prepared = orch.prepare(workload, sets)
     rows = prepared.manifest["splits"]["train"]["rows"]
     ids = np.concatenate(

@@ -290,12 +290,6 @@ BAD_WORKLOADS = [
         ["bad.yaml:4", "export:", "a custom model cannot be exported", "bert_mlm", "cnn"],
     ),
     (
-        "with-a-sweep",
-        "model: {kind: cnn}\nexport: [torchscript]\n"
-        "tune: {metric: eval_loss, space: {train.optimizer.lr: {choice: [0.1, 0.01]}}}\n",
-        ["bad.yaml:4", "export:", "a sweep does not export", "orch export RUN_DIR"],
-    ),
-    (
         "with-cross-validation",
         "model: {kind: cnn}\nexport: [onnx]\ncv: {folds: 3}\n",
         ["bad.yaml:4", "export:", "a cross-validation exports no model", "remove cv"],

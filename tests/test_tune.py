@@ -177,6 +177,7 @@ def asha(
         "train.eval_every=3",
         "tracking.mlflow.enabled=true",
         "tracking.mlflow.experiment=sweeps",
+        "export=[torchscript]",
     )
     lines: list[str] = []
     hidden: list[tuple[Path, Path]] = []
@@ -227,6 +228,8 @@ def test_asha_stops_bad_trials_early_and_reports_the_true_best(
     assert best.train.optimizer.lr == pytest.approx(result.best.params["train.optimizer.lr"])
     assert best.model == spec.model and best.data == spec.data
     assert result.model_dir is not None and (Path(result.model_dir) / "state_dict.pt").is_file()
+    # The workload's `export:` formats: the best trial's model, checked against eager.
+    assert (Path(result.model_dir) / "model.torchscript.pt").is_file()
 
 
 @pytest.mark.integration
@@ -266,6 +269,7 @@ def test_sweep_tracks_one_parent_run_with_a_nested_run_per_trial(
     assert parent.data.tags["orch.kind"] == "sweep" and parent.info.status == "FINISHED"
     assert parent.data.tags["orch.best_trial"] == result.best.trial_id
     assert parent.data.metrics["best_eval_loss"] == pytest.approx(result.best.metric)
+    assert parent.data.metrics["export_torchscript_max_abs_diff"] < 1e-4  # the best's export
     children = client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",

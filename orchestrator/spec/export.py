@@ -76,24 +76,15 @@ def unexportable(kind: str) -> str | None:
     )
 
 
-def export_problems(
-    export: ExportSpec | None, kind: str, *, sweep: bool, cv: bool
-) -> list[Problem]:
+def export_problems(export: ExportSpec | None, kind: str, *, cv: bool) -> list[Problem]:
     """What refuses a workload's `export` before anything starts: a kind orch cannot export, and
-    runs that end without one model of the workload's (a sweep's trials, cv's folds)."""
+    runs that end without one model of the workload's (cv's folds; a sweep exports its best
+    trial's)."""
     if export is None:
         return []
     problems: list[Problem] = []
     if (reason := unexportable(kind)) is not None:
         problems.append((("export",), f"{reason}; remove export"))
-    if sweep:
-        problems.append(
-            (
-                ("export",),
-                "a sweep does not export its trials; remove export and run "
-                "`orch export RUN_DIR --format FORMAT` on the best trial's run directory",
-            )
-        )
     if cv:
         problems.append(
             (

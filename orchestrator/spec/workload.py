@@ -49,8 +49,9 @@ class WorkloadSpec(Section):
     )
     export: ExportSpec | None = Field(
         None,
-        description="Export the final model to these formats (onnx, torchscript) at the end of "
-        "the run, each checked against eager PyTorch on eval batches; null: no export.",
+        description="Export the final model (a sweep's: its best trial's) to these formats "
+        "(onnx, torchscript) at the end of the run, each checked against eager PyTorch on eval "
+        "batches; null: no export.",
         json_schema_extra=export_list_schema,
     )
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Run tracking.")
@@ -94,9 +95,7 @@ class WorkloadSpec(Section):
             problems += tune_problems(self, self.tune)
         if self.cv is not None:
             problems += cv_problems(self, self.cv)
-        problems += export_problems(
-            self.export, self.model.kind, sweep=self.tune is not None, cv=self.cv is not None
-        )
+        problems += export_problems(self.export, self.model.kind, cv=self.cv is not None)
         if problems:
             raise SpecFieldError(problems)
         return self

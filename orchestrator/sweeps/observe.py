@@ -111,7 +111,7 @@ class SweepObserver:
         again = trial.trial_id in self.seen  # a retry, or PBT restarting it from a checkpoint
         self.seen.add(trial.trial_id)
         verb = "restarted" if again else "started"
-        self.log(f"trial {trial.trial_id} {verb}: {_params(trial.config)}")
+        self.log(f"{_who(trial)} {verb}: {_params(trial.config)}")
         if self.parent is None or trial.trial_id in self.children:
             return
         from orchestrator.tracking import TrackingError
@@ -142,12 +142,12 @@ class SweepObserver:
         value = event.get(self.metric)
         shown = f"{self.metric} {value:.4g}" if _is_number(value) else ""
         note = f" (from {event['restored_from']})" if "restored_from" in event else ""
-        self.log(f"trial {trial.trial_id} step {event.get('step', '?')}: {shown}{note}")
+        self.log(f"{_who(trial)} step {event.get('step', '?')}: {shown}{note}")
         if (child := self.children.get(trial.trial_id)) is not None:
             child.log(event)
 
     def recovering(self, trial: Any) -> None:
-        self.log(f"trial {trial.trial_id} failed; retrying it")
+        self.log(f"{_who(trial)} failed; retrying it")
 
     def ended(self, trial: Any, status: str) -> None:
         last = self.last.get(trial.trial_id, {})
@@ -157,7 +157,7 @@ class SweepObserver:
             how = "finished"
         else:
             how = f"stopped early at step {last.get('step', '?')}"
-        self.log(f"trial {trial.trial_id} {how}")
+        self.log(f"{_who(trial)} {how}")
         self.ended_ids.add(trial.trial_id)
         if (child := self.children.get(trial.trial_id)) is not None:
             self.notes += child.finish(status, None, None)
@@ -169,6 +169,16 @@ class SweepObserver:
             if child is not None and trial_id not in self.ended_ids:
                 notes += child.finish(status, None, None)
         return notes
+
+
+def _who(trial: Any) -> str:
+    """A trial as the user knows it: a cross-validation's are folds (the grid's one dimension)."""
+    from orchestrator.sweeps.cv import FOLD_PATH  # cv builds on this module
+
+    fold = trial.config.get(FOLD_PATH)
+    if fold is None:
+        return f"trial {trial.trial_id}"
+    return f"fold {fold} (trial {trial.trial_id})"
 
 
 def _params(config: dict[str, Any]) -> str:

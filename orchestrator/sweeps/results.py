@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import TrainingFailed
+from orchestrator.exporting import export_at_end
 from orchestrator.masking import mask, public_yaml
 from orchestrator.spec import WorkloadSpec, derived_name
 
@@ -91,9 +93,10 @@ def finish(
     parent: Tracker | None,
     notes: list[str],
     seconds: float,
+    log: Callable[[str], None] = lambda _: None,
 ) -> SweepResult:
-    """Rank the trials, write the best workload, track the outcome; TrainingFailed if none
-    reported the metric."""
+    """Rank the trials, write the best workload, export the best model in the workload's
+    `export:` formats, track the outcome; TrainingFailed if none reported the metric."""
     assert spec.tune is not None
     metric, mode = spec.tune.metric, spec.tune.mode
     # Errored trials are no candidates: their config did not run to an answer.
@@ -127,8 +130,13 @@ def finish(
         mlflow_run_id=parent.run_id if parent is not None else None,
         notes=list(notes),
     )
-    if parent is not None:
-        result.notes += _track_outcome(parent, result)
+    export_done = False
+    try:
+        export_at_end(spec.export, model_dir, log, parent)
+        export_done = True
+    finally:  # a refused export keeps the sweep's record, marked FAILED as a run's would be
+        if parent is not None:
+            result.notes += _track_outcome(parent, result, export_failed=not export_done)
     if best is None:
         errors = {r.error for r in rows if r.error}
         raise TrainingFailed(
@@ -138,7 +146,7 @@ def finish(
     return result
 
 
-def _track_outcome(parent: Tracker, result: SweepResult) -> list[str]:
+def _track_outcome(parent: Tracker, result: SweepResult, export_failed: bool) -> list[str]:
     best = result.best
     texts = {"trials.json": json.dumps([r.__dict__ for r in result.trials], indent=2)}
     metrics: dict[str, float] = {}
@@ -151,7 +159,7 @@ def _track_outcome(parent: Tracker, result: SweepResult) -> list[str]:
         # The sweep's model is the best trial's, so promote_if judges the best trial's metric.
         judged_on = {result.metric: best.metric}
     notes = parent.summary(metrics, tags, texts)
-    status = "FINISHED" if best is not None else "FAILED"
+    status = "FINISHED" if best is not None and not export_failed else "FAILED"
     checkpoint = best.checkpoint if best else None
     return notes + parent.finish(status, result.model_dir, checkpoint, judged_on=judged_on)
 

@@ -86,12 +86,14 @@ class EndedTrials:
     parent: Tracker | None  # the sweep's MLflow run, still open: the conclusion ends it
     notes: list[str]
     seconds: float
+    log: Callable[[str], None]
 
 
 def _ranked(ended: EndedTrials) -> SweepResult:
-    """A sweep's conclusion: its trials ranked, the best one's workload and model kept."""
+    """A sweep's conclusion: its trials ranked, the best one's workload and model kept (and
+    exported in the workload's `export:` formats)."""
     e = ended
-    return finish(e.spec, e.name, e.path, e.local, e.rows, e.parent, e.notes, e.seconds)
+    return finish(e.spec, e.name, e.path, e.local, e.rows, e.parent, e.notes, e.seconds, e.log)
 
 
 def run_trials(
@@ -160,7 +162,9 @@ def run_trials(
             raise
     seconds = time.monotonic() - started
     return conclude(
-        EndedTrials(spec, name, path, local, run, results, rows, parent, observer.notes, seconds)
+        EndedTrials(
+            spec, name, path, local, run, results, rows, parent, observer.notes, seconds, log
+        )
     )
 
 
