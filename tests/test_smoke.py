@@ -1,5 +1,6 @@
-"""Smoke runs: every shipped workload, the cluster ones included, shrunk to this machine and run
-through every stage with orch's own pytest plugin (`orch_smoke`), as a team's CI would.
+"""Smoke runs: the shipped cluster workloads and the local ones no other test runs, shrunk to
+this machine and run through every stage with orch's own pytest plugin (`orch_smoke`), as a
+team's CI would.
 
 The shrinking rules are unit-tested first (no Ray): what changes, what stays, and what cannot
 be shrunk.
@@ -171,8 +172,9 @@ def test_the_cluster_bert_workload_smoke_runs_from_the_command_line(
     [
         ("gpt_pretrain.yaml", []),
         ("resnet50_imagenet.yaml", []),
-        ("local/bert_tiny.yaml", ["--track"]),
-        ("local/gpt_tiny_zero2.yaml", []),
+        # bert_tiny.yaml is not here: the training, cluster and export tests run that file,
+        # and the BERT-base run above takes the same smoke path (62 s saved).
+        ("local/gpt_tiny_zero2.yaml", ["--track"]),
         ("local/mnist_cnn_sweep.yaml", ["data.train={data}"]),
     ],
 )
