@@ -343,6 +343,20 @@ def test_unknown_format(tmp_path: Path) -> None:
         prepare(DataSpec(train=str(tmp_path / "a.csv"), cache_dir=str(tmp_path)))
 
 
+def test_a_table_in_parquet_read_as_text_names_its_columns_and_the_format(
+    tmp_path: Path,
+) -> None:
+    """format auto takes .parquet for text; pyarrow's answer to the missing column was a bare
+    IndexError."""
+    pq.write_table(pa.table({"x": [1.0, 2.0], "label": [0, 1]}), tmp_path / "t.parquet")
+    with pytest.raises(
+        DataError,
+        match=r"t\.parquet: no text column 'text' \(data\.text_column\); the columns are: "
+        r"x, label\. A table of features and a label is data\.format: tabular",
+    ):
+        prepare(DataSpec(train=str(tmp_path / "t.parquet"), cache_dir=str(tmp_path / "c")))
+
+
 def test_cli_reports_data_errors_with_exit_2(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -209,6 +209,13 @@ def parquet_texts(source: Source, path: str, column: str) -> Iterator[str]:
     """Parquet: the non-empty values of the string column `column`."""
     try:
         reader = pq.ParquetFile(source.filesystem.open_input_file(path))
+        names = reader.schema_arrow.names
+        if column not in names:  # pyarrow would fail with a bare IndexError
+            raise DataError(
+                f"{path}: no text column {column!r} (data.text_column); the columns are: "
+                f"{', '.join(names)}. A table of features and a label is data.format: tabular, "
+                "texts with labels data.format: labeled_text"
+            )
         for batch in reader.iter_batches(columns=[column]):
             yield from (t for t in batch.column(0).to_pylist() if t)
     except (pa.ArrowInvalid, KeyError) as exc:
