@@ -73,7 +73,7 @@ def test_gpu_only_precision_maps_to_its_cpu_equivalent(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_a_cpu_without_bf16_smoke_runs_in_fp32(tmp_path: Path, precision: str) -> None:
-    """Emulated bf16 made the BERT-base smoke run 10 minutes long here (25x fp32's step)."""
+    """Emulated bf16 made the BERT-base smoke run 10 minutes long here (28x fp32's step)."""
     spec = load_workload(
         WORKLOADS / "bert_pretrain.yaml",
         [f"train.precision={precision}", "data.train=.", "data.eval=null"],

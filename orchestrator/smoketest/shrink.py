@@ -8,8 +8,8 @@ and scheduler) and shrinks what only decides how long it takes:
   beside Ray Data), no GPU, placement PACK (one machine);
 - precision: fp16, which needs a GPU, becomes bf16; bf16 stays where this CPU has bf16
   instructions (AVX-512 BF16, AMX, Arm's BF16) and becomes fp32 where it has not: emulated, a
-  BERT-base step runs about 25x slower than in fp32 (a 10-minute smoke run instead of 40 s);
-  fp32 stays;
+  BERT-base step runs about 28x slower than in fp32 (bench/cpu_bf16.py), and its smoke run
+  takes 10 minutes instead of 2; fp32 stays;
 - data: at most `SAMPLE_RECORDS` source records, sequences of at most `MAX_SEQ_LEN` tokens, a
   small shuffle buffer; a remote source that does not answer within `PROBE_TIMEOUT_S` is
   replaced by generated data of the same kind (text or images), and the change says so;
@@ -210,7 +210,7 @@ def _precision(edit: _Edit, cpu_bf16: bool) -> None:
         edit.set(
             "train.precision",
             "fp32",
-            "this CPU has no bf16 instructions: emulated, bf16 runs ~25x slower than fp32",
+            "this CPU has no bf16 instructions: emulated, bf16 runs ~28x slower than fp32",
         )
 
 
