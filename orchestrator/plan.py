@@ -219,6 +219,7 @@ def trials_at_once(
     have: Mapping[str, float],
     trial_cpu: float,
     on_this_machine: bool,
+    folds: bool = False,
 ) -> int:
     """Sweep trials at once: what the cluster holds, each trial with its workers, and Ray Data
     `DATA_CPUS` beside them all (the trials' read tasks share it).
@@ -227,6 +228,8 @@ def trials_at_once(
     reserves only its own small CPU share and its Train workers ask Ray afterwards, so too many
     trials at once would hold every CPU and leave their workers waiting forever. A one-worker
     trial trains in its own process and reserves the worker's resources itself (0 beside).
+    `folds`: the trials are a cross-validation's folds, limited by the cv's own setting (its
+    grid is orch's), which the error names.
     """
     per_worker = scaling.resources_per_worker or {}
     workers = scaling.num_workers
@@ -239,8 +242,11 @@ def trials_at_once(
     if asked is None:
         return max(1, fit)
     if on_this_machine and asked > fit:
+        field, unit = "tune.max_concurrent_trials", "trials"
+        if folds:
+            field, unit = "cv.max_concurrent_folds", "folds"
         raise PlanError(
-            f"tune.max_concurrent_trials: {asked} trials at once do not fit here: each takes "
+            f"{field}: {asked} {unit} at once do not fit here: each takes "
             f"{cpus:g} CPU ("
             + (f"{trial_cpu:g} for the trial, " if trial_cpu else "")
             + f"{workers} worker(s) x {per_worker.get('CPU', 1.0):g})"

@@ -297,15 +297,14 @@ def _concurrency(spec: WorkloadSpec, on_this_machine: bool) -> int:
     trial_cpu = 0.0 if trains_in_trial(spec) else TRAINER_TRIAL_CPU  # beside its workers
     try:
         return trials_at_once(
-            spec.scaling, spec.tune, ray.cluster_resources(), trial_cpu, on_this_machine
+            spec.scaling,
+            spec.tune,
+            ray.cluster_resources(),
+            trial_cpu,
+            on_this_machine,
+            folds=spec.cv is not None,
         )
     except PlanError as exc:
-        if spec.cv is not None:  # the grid is orch's; the setting the user wrote is the cv's
-            raise RunError(
-                str(exc)
-                .replace("tune.max_concurrent_trials", "cv.max_concurrent_folds")
-                .replace("trials at once", "folds at once")
-            ) from None
         raise RunError(str(exc)) from None
 
 
