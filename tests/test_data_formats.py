@@ -10,6 +10,7 @@ import pytest
 from orchestrator.data import DataError
 from orchestrator.data.formats import (
     FORMATS,
+    ImageFolderFormat,
     ImageFormat,
     LabeledTextFormat,
     TabularFormat,
@@ -35,13 +36,15 @@ def test_each_format_has_the_readers_of_its_kind() -> None:
     for name, fmt in FORMATS.items():
         if fmt.kind == "text":
             assert isinstance(fmt, TextFormat), name
-            assert callable(fmt.file_texts) and callable(fmt.dataset), name
+            assert callable(fmt.chunks) and callable(fmt.records), name
         elif fmt.kind == "tabular":
             assert isinstance(fmt, TabularFormat), name
             assert callable(fmt.read), name
         elif fmt.kind == "labeled_text":
             assert isinstance(fmt, LabeledTextFormat), name
             assert callable(fmt.read), name
+        elif isinstance(fmt, ImageFolderFormat):  # lists files; its tasks read them
+            assert fmt.kind == "image" and name == "image_folder", name
         else:
             assert isinstance(fmt, ImageFormat), name
             assert callable(fmt.read), name
@@ -86,11 +89,16 @@ def test_no_guess_names_what_to_set(names: list[str]) -> None:
 
 def test_settings_in_the_cache_key() -> None:
     data = DataSpec(train="x")
-    text_keys = {"eval_fraction", "limit", "shard_rows", "text_column", "tokenizer", "seq_len"}
+    common = {"eval_fraction", "limit", "shard_rows"}
+    text_keys = common | {"text_column", "tokenizer", "seq_len", "chunk_mb"}
     for name in ("parquet", "text", "jsonl"):
         assert set(_settings(data, FORMATS[name])) == text_keys, name
-    for name in ("mnist", "cifar", "image_folder"):
-        assert set(_settings(data, FORMATS[name])) == {"eval_fraction", "limit", "shard_rows"}
+    for name in ("mnist", "cifar"):
+        assert set(_settings(data, FORMATS[name])) == common
+    assert set(_settings(data, FORMATS["image_folder"])) == common | {
+        "eval_labels",
+        "skip_bad_images",
+    }
     assert set(_settings(data, FORMATS["tabular"])) == {
         "eval_fraction",
         "limit",

@@ -13,19 +13,21 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Literal
 
 from orchestrator.data import images, labeled_text, tabular, text
+from orchestrator.data.chunks import Chunk, Piece, line_chunks, row_group_chunks
 from orchestrator.data.images import ImageSet
 from orchestrator.data.labeled_text import Record
 from orchestrator.data.sources import DataError, Source
 
 if TYPE_CHECKING:
     import pyarrow as pa
-    import ray.data
+    import pyarrow.fs as pafs
 
     from orchestrator.spec import DataSpec
 
 __all__ = [
     "FORMATS",
     "Format",
+    "ImageFolderFormat",
     "ImageFormat",
     "LabeledTextFormat",
     "TabularFormat",
@@ -41,10 +43,10 @@ COMMON_SETTINGS = ("eval_fraction", "limit", "shard_rows")
 class TextFormat:
     """A text format: tokenized with a trained tokenizer and packed into token sequences."""
 
-    # (source, path, text column) -> the file's texts, on the driver (tokenizer training)
-    file_texts: Callable[[Source, str, str], Iterator[str]]
-    # (source, text column) -> a Ray Data dataset with a "text" column (parallel tokenizing)
-    dataset: Callable[[Source, str], ray.data.Dataset]
+    # (source, chunk bytes, first chunk index) -> the source cut into chunks (chunks.py)
+    chunks: Callable[[Source, int, int], list[Chunk]]
+    # (filesystem, piece of a chunk, text column) -> the piece's texts, in order
+    records: Callable[[pafs.FileSystem, Piece, str], Iterator[str]]
     # "auto" picks this format when every file ends in one of these (lower-case)
     suffixes: tuple[str, ...] = ()
     # "auto" picks this format, before any suffix rule, when this says yes to the file names
@@ -52,7 +54,7 @@ class TextFormat:
     # a source in this format may be orch's own shards already, to be used in place
     may_be_prepared: bool = False
     # DataSpec fields, beyond COMMON_SETTINGS, that change the shards (and so the cache key)
-    settings: tuple[str, ...] = ("text_column", "tokenizer", "seq_len")
+    settings: tuple[str, ...] = ("text_column", "tokenizer", "seq_len", "chunk_mb")
     kind: Literal["text"] = field(default="text", init=False)
 
 
@@ -93,20 +95,30 @@ class LabeledTextFormat:
     kind: Literal["labeled_text"] = field(default="labeled_text", init=False)
 
 
-Format = TextFormat | ImageFormat | TabularFormat | LabeledTextFormat
+@dataclass(frozen=True)
+class ImageFolderFormat:
+    """Encoded image files in one folder per class: listed on the driver, read and written by
+    tasks on the cluster (`image_folder.py`)."""
+
+    suffixes: tuple[str, ...] = ()
+    recognize: Callable[[list[str]], bool] | None = None
+    may_be_prepared: bool = False
+    settings: tuple[str, ...] = ("eval_labels", "skip_bad_images")
+    kind: Literal["image"] = field(default="image", init=False)
+
+
+Format = TextFormat | ImageFormat | ImageFolderFormat | TabularFormat | LabeledTextFormat
 
 # The order is the order of the guess's suffix rules, and of the names in error messages.
 FORMATS: dict[str, Format] = {
     "parquet": TextFormat(
-        text.parquet_texts, text.parquet_dataset, suffixes=(".parquet",), may_be_prepared=True
+        row_group_chunks, text.parquet_records, suffixes=(".parquet",), may_be_prepared=True
     ),
-    "text": TextFormat(text.line_texts, text.line_dataset, suffixes=(".txt", ".text")),
-    "jsonl": TextFormat(
-        text.jsonl_texts, text.jsonl_dataset, suffixes=(".jsonl", ".json", ".ndjson")
-    ),
+    "text": TextFormat(line_chunks, text.line_records, suffixes=(".txt", ".text")),
+    "jsonl": TextFormat(line_chunks, text.jsonl_records, suffixes=(".jsonl", ".json", ".ndjson")),
     "mnist": ImageFormat(images.read_mnist, recognize=images.looks_like_mnist),
     "cifar": ImageFormat(images.read_cifar, recognize=images.looks_like_cifar),
-    "image_folder": ImageFormat(images.read_image_folder, suffixes=images.IMAGE_SUFFIXES),
+    "image_folder": ImageFolderFormat(suffixes=images.IMAGE_SUFFIXES),
     # CSV or Parquet; "auto" picks it for .csv files only (.parquet is the text format's).
     "tabular": TabularFormat(tabular.read_table, suffixes=(".csv",)),
     # JSONL, CSV or Parquet with a text and a label column; only when named in data.format.

@@ -1,14 +1,14 @@
 """Image sources -> image shards, and the readers of image formats.
 
-Each image format has a reader (see `formats.FORMATS`) that yields the source as ImageSets:
-MNIST idx files, CIFAR python batches, or image folders.
+Each of these image formats has a reader (see `formats.FORMATS`) that yields the source as
+ImageSets: MNIST idx files and CIFAR python batches, small enough to read on the driver. Image
+folders, which can be ImageNet-size, are prepared in parallel by `image_folder.py`.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
-import os
 import pickle
 import struct
 from collections.abc import Iterator
@@ -33,7 +33,6 @@ __all__ = [
     "looks_like_mnist",
     "prepare_images",
     "read_cifar",
-    "read_image_folder",
     "read_mnist",
 ]
 
@@ -235,37 +234,6 @@ def _unpickle(source: Source, path: str) -> dict:
     if not isinstance(obj, dict):
         raise DataError(f"{path}: not a CIFAR python batch (a {type(obj).__name__}, not a dict)")
     return obj
-
-
-def read_image_folder(source: Source) -> Iterator[ImageSet]:
-    """One sub-folder per class under the source's folder; files stay encoded until training."""
-    # The class is the first folder below the one the user named (source.files are paths).
-    base = source.uri.split("://", 1)[1] if "://" in source.uri else os.path.abspath(source.uri)
-    images: list[bytes] = []
-    labels: list[int] = []
-    classes: list[str] = []
-    index: dict[str, int] = {}
-    for path in source.files:
-        if PurePosixPath(path).suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        rel = PurePosixPath(path[len(base) :].lstrip("/"))
-        if len(rel.parts) < 2:
-            raise DataError(f"{path}: images must sit in one sub-folder per class under {base}")
-        name = rel.parts[0]
-        if name not in index:
-            index[name] = len(classes)
-            classes.append(name)
-        images.append(_read(source, path))
-        labels.append(index[name])
-    if not images:
-        raise DataError(f"{source.uri}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
-    yield ImageSet(
-        images=images,
-        labels=np.asarray(labels, dtype=np.int64),
-        encoding="encoded",
-        shape=None,
-        class_names=classes,
-    )
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, path: str) -> None:

@@ -33,11 +33,13 @@ from orchestrator.data.formats import (
     COMMON_SETTINGS,
     FORMATS,
     Format,
+    ImageFolderFormat,
     LabeledTextFormat,
     TabularFormat,
     TextFormat,
     detect_format,
 )
+from orchestrator.data.image_folder import prepare_image_folder
 from orchestrator.data.images import prepare_images
 from orchestrator.data.labeled_text import prepare_labeled_text
 from orchestrator.data.shards import image_schema, text_schema, write_file
@@ -49,7 +51,7 @@ from orchestrator.spec import DataSpec
 __all__ = ["MANIFEST", "PreparedData", "image_schema", "prepare", "text_schema"]
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2  # bump when the shard layout or split changes, so old caches are not reused
+FORMAT_VERSION = 3  # bump when the shard layout or split changes, so old caches are not reused
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ def prepare(
 ) -> PreparedData:
     """Prepare (or reuse from the cache) the dataset a `data` section describes.
 
-    Ray is started (or joined at `ray_address`) only when text must be tokenized.
+    Ray is started (or joined at `ray_address`) only when the work is more than one task.
     """
     source = find_source(data.train)
     fmt_name = detect_format(source, data.format)
@@ -109,10 +111,14 @@ def prepare(
     started = time.monotonic()
     try:
         if isinstance(fmt, TextFormat):
-            from orchestrator.ray_session import ray_session
-
-            with ray_session(ray_address, verbose):
-                manifest = prepare_text(data, fmt, source, eval_source, fs, f"{root}/{attempt}")
+            manifest = prepare_text(
+                data, fmt, fmt_name, source, eval_source, fs, f"{root}/{attempt}",
+                ray_address, verbose,
+            )  # fmt: skip
+        elif isinstance(fmt, ImageFolderFormat):
+            manifest = prepare_image_folder(
+                data, source, eval_source, fs, f"{root}/{attempt}", ray_address, verbose
+            )
         elif isinstance(fmt, TabularFormat):
             manifest = prepare_tabular(data, fmt, source, eval_source, fs, f"{root}/{attempt}")
         elif isinstance(fmt, LabeledTextFormat):

@@ -34,10 +34,13 @@ def tabular_schema(num_features: int) -> pa.Schema:
 
 
 class ShardWriter:
-    """Write rows to part-NNNNN.parquet files of `rows` rows each."""
+    """Write rows to <prefix>NNNNN.parquet files of `rows` rows each."""
 
-    def __init__(self, fs: pafs.FileSystem, root: str, schema: pa.Schema, rows: int):
+    def __init__(
+        self, fs: pafs.FileSystem, root: str, schema: pa.Schema, rows: int, prefix: str = "part-"
+    ):
         self.fs, self.root, self.schema, self.rows = fs, root, schema, rows
+        self.prefix = prefix  # one per writer when several write into one directory
         self.pending: list[tuple[Any, ...]] = []
         self.shards: list[str] = []
         self.total = 0
@@ -60,7 +63,7 @@ class ShardWriter:
             else:
                 arrays.append(pa.array(values, type=field.type))
         table = pa.Table.from_arrays(arrays, schema=self.schema)
-        name = f"part-{len(self.shards):05d}.parquet"
+        name = f"{self.prefix}{len(self.shards):05d}.parquet"
         pq.write_table(table, f"{self.root}/{name}", filesystem=self.fs)
         self.shards.append(f"{PurePosixPath(self.root).name}/{name}")
         self.total += len(self.pending)

@@ -42,6 +42,12 @@ class TokenizerSpec(Section):
     vocab_size: PositiveInt = Field(30522, ge=64, description="Vocabulary size to train.")
     path: str | None = Field(None, description="An existing tokenizer.json (kind: file).")
     lowercase: bool = Field(True, description="Lowercase text before WordPiece training.")
+    sample_mb: float = Field(
+        256,
+        gt=0,
+        description="Train the tokenizer on at most this many MB of text, taken evenly from "
+        "the whole corpus (the same sample every time); a smaller corpus is used whole.",
+    )
 
     @model_validator(mode="after")
     def _path_iff_file(self) -> TokenizerSpec:
@@ -65,6 +71,16 @@ class _DataSource(Section):
         None, description="Evaluation data; null splits eval_fraction off the training source."
     )
     format: DataFormat = Field("auto", description="Source format; auto guesses from the path.")
+    eval_labels: str | None = Field(
+        None,
+        description="Image folders: a file of 'image,class' lines labelling a flat eval folder "
+        "(ImageNet's validation split); null: the eval folder has one sub-folder per class.",
+    )
+    skip_bad_images: bool = Field(
+        False,
+        description="Image folders: skip (and count) images that do not decode, instead of "
+        "stopping at the first one.",
+    )
     text_column: str = Field("text", description="Column or JSON key holding the text.")
     label_column: str = Field(
         "label", description="Column (or JSON key) holding the class label of labeled data."
@@ -89,6 +105,12 @@ class _DataSource(Section):
         None, description="Use at most this many source records (lines, documents, images)."
     )
     shard_rows: PositiveInt = Field(8192, description="Rows per prepared Parquet shard.")
+    chunk_mb: float = Field(
+        64,
+        gt=0,
+        description="Text is prepared in chunks of about this many MB, one task each, spread "
+        "over the cluster; sequences are packed within a chunk.",
+    )
     cache_dir: str = Field(".orch/data", description="Where prepared datasets are cached.")
 
     @model_validator(mode="after")
@@ -100,6 +122,8 @@ class _DataSource(Section):
         if features is not None and len(set(features)) < len(features):
             twice = sorted({c for c in features if features.count(c) > 1})
             problems.append((("features",), f"lists {twice} more than once"))
+        if self.eval_labels is not None and self.eval is None:
+            problems.append((("eval_labels",), "labels an eval folder; set data.eval to it"))
         strays = [c for c in self.categorical if c == label or (features and c not in features)]
         if strays:
             problems.append(
