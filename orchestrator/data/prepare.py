@@ -191,8 +191,11 @@ def _cache_key(
             raise DataError(
                 f"{data.tokenizer.path}: cannot read tokenizer: {exc.strerror}"
             ) from None
+    # A label file is data too: an edited one must not reuse the shards of the old.
+    labels = find_source(data.eval_labels).fingerprint if data.eval_labels else None
     payload = {
         "version": FORMAT_VERSION,
+        "eval_labels": labels,
         "source": source.fingerprint,
         "eval": eval_source.fingerprint if eval_source else None,
         "settings": settings,
