@@ -14,6 +14,8 @@ from pathlib import Path
 
 import psutil
 
+from orchestrator.masking import mask
+
 __all__ = ["TRAIN_SETTINGS", "ray_session", "stop_orphans"]
 
 # Ray Train settings orch changes from Ray's defaults (a value already in the environment wins).
@@ -53,12 +55,24 @@ def ray_session(address: str | None = None, verbose: bool = False) -> Iterator[N
         return
     if address is None:
         stop_orphans()
-    ray.init(
-        address=address,
-        include_dashboard=False if address is None else None,
-        log_to_driver=verbose,
-        logging_level=logging.INFO if verbose else logging.WARNING,
-    )
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False if address is None else None,
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.WARNING,
+        )
+    except (ConnectionError, RuntimeError) as exc:
+        if address is None:
+            raise
+        from orchestrator.errors import RunError
+
+        raise RunError(
+            f"cannot join the Ray cluster at {mask(address)} (--address): "
+            f"{str(exc).splitlines()[0]}. Is it running and reachable from this machine (Ray "
+            "joins 127.0.0.1 by the machine's own address), and does $RAY_AUTH_MODE=token with "
+            "$RAY_AUTH_TOKEN hold its token?"
+        ) from None
     record = _record_local_ray() if address is None else None
     try:
         yield

@@ -7,6 +7,7 @@ The cluster is `cluster/local_cluster.sh`'s: a `ray start --head` with token aut
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import re
@@ -215,6 +216,62 @@ def test_submit_trains_on_both_nodes_and_tracks(
     assert "bert-tiny" in row and "SUCCEEDED" in row
     logs = orch("logs", job_id, env=env)
     assert "done: both-nodes" in logs.stdout and "step 6/6" in logs.stdout
+
+
+@pytest.mark.integration
+def test_data_prepare_runs_its_tasks_on_both_nodes(
+    cluster: LocalCluster, shared_data: Path, tmp_path: Path
+) -> None:
+    """`orch data prepare` on a cluster spreads its chunks over the nodes, and the dataset is
+    the one the same chunks give one after another in this process.
+
+    It runs as a job on the head node, as on a cluster's own machine: a driver joining from
+    outside (`--address`) cannot reach a cluster bound to 127.0.0.1, since Ray rewrites a
+    loopback address to the machine's own before connecting."""
+    import shlex
+
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.util.state.api import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
+
+    from orchestrator.data.formats import FORMATS, TextFormat
+    from orchestrator.data.sources import find_source
+    from orchestrator.data.text import TextJob, prepare_chunk
+
+    corpus, cache = shared_data / "tinyshakespeare.txt", tmp_path / "cache"
+    settings = [f"data.train={corpus}", f"data.cache_dir={cache}", "data.chunk_mb=0.125",
+                "data.tokenizer.vocab_size=500", "data.seq_len=32"]  # fmt: skip
+    command = [sys.executable, "-m", "orchestrator", "data", "prepare", str(ROOT / BERT)]
+    headers = {"Authorization": f"Bearer {cluster.token}"}
+    jobs = JobSubmissionClient(cluster.url, headers=headers)
+    job = jobs.submit_job(entrypoint=shlex.join(command + _sets(*settings)))
+    _wait_for(lambda: jobs.get_job_status(job).is_terminal(), 240, "orch data prepare")
+    assert jobs.get_job_status(job) == JobStatus.SUCCEEDED, jobs.get_job_logs(job)
+    (manifest_path,) = cache.glob("*/manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    state = StateApiClient(cluster.url, headers={"Content-Type": "application/json", **headers})
+    nodes = state.list(StateResource.NODES, ListApiOptions(), raise_on_missing_output=False)
+    assert manifest["chunks"] == 9
+    assert set(manifest["chunks_by_node"]) == {n.node_id for n in nodes}, manifest
+
+    fmt = FORMATS["text"]
+    assert isinstance(fmt, TextFormat)
+    root = manifest_path.parent / manifest["dir"]
+    local = pafs.LocalFileSystem()
+    job = TextJob("text", "text", 32, 8192, 0.05, (root / "tokenizer.json").read_text(),
+                  local, local, str(tmp_path / "one-node"))  # fmt: skip
+    reports = [prepare_chunk(c, job) for c in fmt.chunks(find_source(str(corpus)), 1 << 17, 0)]
+    for split in ("train", "eval"):
+        ours = pa.concat_tables(
+            pq.read_table(root / n) for n in manifest["splits"][split]["shards"]
+        )
+        expected = pa.concat_tables(
+            pq.read_table(tmp_path / "one-node" / n) for r in reports for n in r[split]["shards"]
+        )
+        assert ours.equals(expected), split
 
 
 @pytest.mark.integration
