@@ -1,4 +1,4 @@
-"""Benchmark of orch's data pipeline: tokenization, streaming memory, and where MLM masking runs.
+"""Benchmark of orch's data pipeline: streaming memory, and where MLM masking runs.
 
 Run from the repository root:
 
@@ -11,19 +11,8 @@ are noisy, so compare the ratios rather than the absolute numbers. Each measurem
 its own local Ray (`address="local"`, 2 CPUs, no dashboard, a 1 GiB object store) and shuts
 it down afterwards; a Ray started elsewhere is never joined or stopped.
 
-1. Tokenization throughput, in corpus tokens per second (the tokens the trained tokenizer
-   gives for every non-empty line, without special tokens), on tinyshakespeare concatenated
-   k times (../shared/data/tinyshakespeare.txt):
-   - `orchestrator.data.prepare(DataSpec(...))` into a fresh cache_dir, on a Ray already
-     started and warmed up by a small prepare(). prepare() also trains the WordPiece
-     tokenizer, so `train_tokenizer()` is timed on its own on the same corpus right after and
-     subtracted (the headline figure); the training call inside prepare() is timed as well,
-     as a check. What is left is tokenizing with Ray Data, packing on the driver and writing
-     the shards.
-   - prepare's Ray Data tokenize stage alone (`text.tokenized`, read to the end).
-   - the same tokenizer (loaded from the prepared tokenizer.json) in plain Python over the
-     lines already in memory: `encode(line)` per line, `encode_batch(lines)` and
-     `encode_batch_fast(lines)` in one call.
+1. Preparation (tokenizing, packing and writing text; image folders) is measured by
+   bench/data_prepare.py, on the distributed preparation that replaced the driver's loop.
 2. Streaming peak memory: synthetic token shards (the schema of `prepare.text_schema`, 128
    tokens a row, 8192 rows a shard as prepare writes them) of N and 10N rows, each streamed
    for one epoch through a real `TorchTrainer` (2 workers at 0.5 CPU, `open_splits` and
@@ -48,7 +37,6 @@ it down afterwards; a Ray started elsewhere is never joined or stopped.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -68,17 +56,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from orchestrator.data.formats import FORMATS, TextFormat
-from orchestrator.data.prepare import PreparedData, prepare, text_schema
-from orchestrator.data.sources import find_source
+from orchestrator.data.prepare import PreparedData, text_schema
 from orchestrator.data.stream import epoch_batches, mask_tokens, open_splits
-from orchestrator.data.text import texts as read_texts
-from orchestrator.data.text import tokenized
-from orchestrator.data.tokenizer import train_tokenizer
-from orchestrator.spec import DataSpec
-
-# prepare() trains its tokenizer through the text module's `train_tokenizer`
-text_module = importlib.import_module("orchestrator.data.text")
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -95,15 +74,11 @@ MLM_PROBABILITY = 0.15
 SAMPLE_EVERY_S = 0.2
 
 FULL = {
-    "corpus_copies": 6,
-    "tokenize_repeats": 2,
     "rows": 40_000,
     "repeats": 3,
     "map_batch_size": 1024,
 }
 QUICK = {
-    "corpus_copies": 1,
-    "tokenize_repeats": 1,
     "rows": 8_000,
     "repeats": 1,
     "map_batch_size": 1024,
@@ -138,120 +113,6 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     started = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - started
-
-
-# --------------------------------------------------------------------------- 1. tokenization
-def bench_tokenization(
-    work: Path, copies: int, repeats: int, log: Callable[[str], None]
-) -> dict[str, Any]:
-    import ray
-    from tokenizers import Tokenizer
-
-    work.mkdir(parents=True)
-    corpus = work / "corpus.txt"
-    text = CORPUS.read_text(encoding="utf-8")
-    corpus.write_text(text * copies, encoding="utf-8")
-    warmup = work / "warmup.txt"
-    warmup.write_text(text[:100_000], encoding="utf-8")
-    mb = corpus.stat().st_size / 1e6
-    log(f"[1] corpus: tinyshakespeare x{copies} = {mb:.1f} MB")
-
-    def spec(path: Path, run: int) -> DataSpec:  # a fresh cache_dir: really prepare
-        return DataSpec(train=str(path), cache_dir=str(work / f"cache-{run}"), seq_len=SEQ_LEN)
-
-    # prepare() looks train_tokenizer up in the text module: time each call it makes, too.
-    in_run: list[float] = []
-
-    def timed_training(*args: Any, **kwargs: Any) -> Any:
-        tok, seconds = _timed(lambda: train_tokenizer(*args, **kwargs))
-        in_run.append(seconds)
-        return tok
-
-    source = find_source(str(corpus))
-    text_format = FORMATS["text"]
-    assert isinstance(text_format, TextFormat)
-    # Ray is up before prepare(), which reuses it, and a small prepare() first starts Ray
-    # Data's workers, so neither Ray's start-up nor the first workers' imports are timed.
-    _start_ray()
-    prepare_runs, train_runs = [], []
-    try:
-        prepare(spec(warmup, -1))
-        text_module.train_tokenizer = timed_training
-        in_run.clear()
-        for run in range(repeats):
-            prepared, seconds = _timed(lambda run=run: prepare(spec(corpus, run)))
-            prepare_runs.append(seconds)
-            # the same training on the same corpus, on its own, right after
-            texts = read_texts(source, text_format, spec(corpus, run))
-            tok_spec = spec(corpus, run).tokenizer
-            train_runs.append(_timed(lambda t=texts, k=tok_spec: train_tokenizer(k, t))[1])
-        text_module.train_tokenizer = train_tokenizer
-        tok_json = (Path(prepared.root) / "tokenizer.json").read_text(encoding="utf-8")
-
-        def ray_stage() -> int:
-            return sum(
-                len(ids) for ids in tokenized(source, text_format, spec(corpus, 0), tok_json)
-            )
-
-        stage_runs = [_timed(ray_stage) for _ in range(repeats)]
-        stage_tokens, stage_s = stage_runs[0][0], min(t for _, t in stage_runs)
-    finally:
-        text_module.train_tokenizer = train_tokenizer
-        ray.shutdown()
-    prepare_s, train_s = min(prepare_runs), min(train_runs)
-    in_run_s = min(p - t for p, t in zip(prepare_runs, in_run, strict=True))
-    log(f"    prepare {prepare_s:.2f} s, tokenizer training alone {train_s:.2f} s")
-
-    tok = Tokenizer.from_str(tok_json)
-    # The records prepare tokenizes: the non-empty lines, without their newline.
-    lines = [line for line in (text * copies).split("\n") if line.strip()]
-
-    def best(fn: Callable[[], Any]) -> tuple[Any, float]:
-        runs = [_timed(fn) for _ in range(repeats)]
-        return runs[0][0], min(t for _, t in runs)
-
-    per_line, loop_s = best(lambda: [tok.encode(x, add_special_tokens=False) for x in lines])
-    batch, batch_s = best(lambda: tok.encode_batch(lines, add_special_tokens=False))
-    fast, fast_s = best(lambda: tok.encode_batch_fast(lines, add_special_tokens=False))
-    tokens = sum(len(e.ids) for e in batch)
-    assert tokens == sum(len(e.ids) for e in per_line) == sum(len(e.ids) for e in fast)
-    assert stage_tokens == tokens, (stage_tokens, tokens)
-
-    tokenize_s = prepare_s - train_s
-    rates = {
-        "prepare_minus_training": tokens / tokenize_s,
-        "prepare_minus_training_in_run": tokens / in_run_s,
-        "prepare_ray_data_stage": tokens / stage_s,
-        "python_encode_per_line": tokens / loop_s,
-        "python_encode_batch": tokens / batch_s,
-        "python_encode_batch_fast": tokens / fast_s,
-    }
-    base = rates["prepare_minus_training"]
-    return {
-        "corpus_mb": round(mb, 2),
-        "corpus_copies": copies,
-        "repeats": repeats,
-        "prepare_runs_s": [round(x, 3) for x in prepare_runs],
-        "training_alone_runs_s": [round(x, 3) for x in train_runs],
-        "training_in_prepare_runs_s": [round(x, 3) for x in in_run],
-        "lines": len(lines),
-        "corpus_tokens": tokens,
-        "packed_rows": prepared.manifest["splits"]["train"]["rows"]
-        + prepared.manifest["splits"]["eval"]["rows"],
-        "seconds": {
-            "prepare_total": round(prepare_s, 3),
-            "tokenizer_training": round(train_s, 3),
-            "tokenizer_training_in_prepare": round(min(in_run), 3),
-            "prepare_minus_training": round(tokenize_s, 3),
-            "prepare_minus_training_in_run": round(in_run_s, 3),
-            "prepare_ray_data_stage": round(stage_s, 3),
-            "python_encode_per_line": round(loop_s, 3),
-            "python_encode_batch": round(batch_s, 3),
-            "python_encode_batch_fast": round(fast_s, 3),
-        },
-        "tokens_per_s": {k: round(v) for k, v in rates.items()},
-        "ratio_to_prepare": {k: round(v / base, 2) for k, v in rates.items()},
-    }
 
 
 # --------------------------------------------------------------------------- shards
@@ -593,34 +454,12 @@ def bench_masking(
 
 # --------------------------------------------------------------------------- report
 def report(results: dict[str, Any]) -> str:
-    t, s, m = results["tokenization"], results["streaming"], results["masking"]
+    s, m = results["streaming"], results["masking"]
     out = [
         f"orch data pipeline benchmark ({results['mode']}, {results['cpus']} CPUs, "
         f"{results['total_s']:.0f} s)",
         "",
-        f"1. Tokenization: {t['corpus_mb']} MB ({t['lines']} lines, {t['corpus_tokens']} tokens)",
-        f"   prepare() {t['seconds']['prepare_total']} s minus tokenizer training: "
-        f"{t['seconds']['tokenizer_training']} s timed alone with train_tokenizer() on the "
-        "same corpus,",
-        f"   or {t['seconds']['tokenizer_training_in_prepare']} s timed around the call inside "
-        "prepare(); what is left is tokenizing with Ray Data,",
-        "   packing on the driver and writing the shards (best of "
-        f"{t['repeats']}, fresh cache_dir each)",
-    ]
-    names = {
-        "prepare_minus_training": "prepare minus training (timed alone)",
-        "prepare_minus_training_in_run": "prepare minus training (timed in prepare)",
-        "prepare_ray_data_stage": "prepare's Ray Data tokenize stage only",
-        "python_encode_per_line": "tok.encode(line) per line",
-        "python_encode_batch": "tok.encode_batch(lines)",
-        "python_encode_batch_fast": "tok.encode_batch_fast(lines)",
-    }
-    for key, label in names.items():
-        out.append(
-            f"   {label:<40} {t['tokens_per_s'][key]:>10,} tokens/s  "
-            f"x{t['ratio_to_prepare'][key]:.2f} vs prepare"
-        )
-    out += [
+        "1. Preparation (tokenizing, image folders): bench/data_prepare.py",
         "",
         "2. Streaming peak memory: driver + its ray:: processes, sampled every "
         f"{SAMPLE_EVERY_S} s during TorchTrainer.fit (MB)",
@@ -691,9 +530,6 @@ def main() -> None:
         large = write_shards(work / "large", cfg["rows"] * 10, seed=1)
         results["streaming"] = bench_streaming(small, large, work, log)
         results["masking"] = bench_masking(small, cfg["repeats"], cfg["map_batch_size"], log)
-        results["tokenization"] = bench_tokenization(
-            work / "tok", cfg["corpus_copies"], cfg["tokenize_repeats"], log
-        )
     results["total_s"] = round(time.perf_counter() - started, 1)
     text = report(results)
     results["report"] = text

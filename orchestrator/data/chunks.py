@@ -87,40 +87,34 @@ def _group(pieces: list[tuple[Piece, int]], chunk_bytes: int, first_index: int) 
 def lines_of(fs: pafs.FileSystem, piece: Piece) -> Iterator[tuple[int, bytes]]:
     """The lines that start in the piece's byte range, with the offset each starts at."""
     with fs.open_input_file(piece.path) as f:
-        position = piece.start
-        if position > 0:
-            # Skip the rest of the line that began before the range (the range before reads it):
-            # from one byte back, so that a range starting right after a newline keeps its line.
-            f.seek(position - 1)
-            rest = b""
-            while True:
-                block = f.read(_READ)
-                if not block:
+        offset = piece.start  # of buf[0] in the file
+        if offset > 0:
+            # The range before reads the line that began before this one, to its end: skip
+            # it, from one byte back, so that a range starting right after a newline keeps
+            # its first line.
+            f.seek(offset - 1)
+            offset -= 1
+        buf = f.read(_READ)
+        at = 0  # where the next line starts in buf
+        if piece.start > 0:
+            while (newline := buf.find(b"\n")) < 0:
+                if not (block := f.read(_READ)):
                     return
-                newline = block.find(b"\n")
-                if newline >= 0:
-                    position += newline
-                    rest = block[newline + 1 :]
-                    break
-                position += len(block)
-        else:
-            rest = f.read(_READ)
-        while rest and position < piece.end:
-            newline = rest.find(b"\n")
-            while newline < 0:
+                offset, buf = offset + len(buf), block
+            at = newline + 1
+        while offset + at < piece.end:
+            newline = buf.find(b"\n", at)
+            if newline < 0:
                 block = f.read(_READ)
-                if not block:
-                    break
-                rest += block
-                newline = rest.find(b"\n", len(rest) - len(block))
-            if newline < 0:  # the file's last line, without a newline
-                yield position, rest
-                return
-            yield position, rest[:newline]
-            position += newline + 1
-            rest = rest[newline + 1 :]
-            if not rest and position < piece.end:
-                rest = f.read(_READ)
+                if not block:  # the file's last line, without a newline
+                    if at < len(buf):
+                        yield offset + at, buf[at:]
+                    return
+                # keep the unfinished line, drop what was read: one copy per block
+                offset, buf, at = offset + at, buf[at:] + block, 0
+                continue
+            yield offset + at, buf[at:newline]
+            at = newline + 1
 
 
 def line_count_before(fs: pafs.FileSystem, path: str, offset: int) -> int:
