@@ -320,7 +320,7 @@ def runs(
 class Exported:
     """What `export` wrote: one report per format, and where it was tracked."""
 
-    model_dir: Path
+    model_dir: Path | str  # a URI for a run on object storage
     reports: list[ExportReport]
     mlflow_run_id: str | None
     notes: list[str]  # tracking outcomes, to show
@@ -340,8 +340,11 @@ def export(
     error) when the run has no model, a format is unknown or the kind's, or an export is off
     by more than `tolerance`. A tracked run (found in MLflow by its name) gets the files."""
     from orchestrator.exporting import export_model, find_model_dir, known_formats
+    from orchestrator.storage import is_remote
 
     formats = known_formats(formats)
+    if is_remote(str(run_dir)):
+        return _export_remote(str(run_dir), formats, tolerance, tracking, tracking_uri, log)
     model_dir = find_model_dir(run_dir)
     reports = export_model(model_dir, formats, tolerance=tolerance, log=log)
     run_id: str | None = None
@@ -351,6 +354,45 @@ def export(
 
         run_id, notes = log_exports(model_dir, reports, tracking_uri)
     return Exported(model_dir, reports, run_id, notes)
+
+
+def _export_remote(
+    uri: str,
+    formats: list[str],
+    tolerance: float,
+    tracking: bool,
+    tracking_uri: str | None,
+    log: Log,
+) -> Exported:
+    """`export` of a run on object storage: its model/ is exported here, then uploaded back."""
+    import tempfile
+
+    from orchestrator.errors import ExportError
+    from orchestrator.exporting import export_model
+    from orchestrator.masking import mask
+    from orchestrator.storage import download_dir, join, upload_dir
+
+    run_uri = uri.rstrip("/").removesuffix("/model")
+    model_uri = join(run_uri, "model")
+    with tempfile.TemporaryDirectory(prefix="orch-export-") as scratch:
+        # Under a directory of the run's name: that is how its MLflow run is found.
+        local = Path(scratch, run_uri.rsplit("/", 1)[-1], "model")
+        if not download_dir(model_uri, str(local)) or not (local / "model.json").is_file():
+            raise ExportError(
+                f"{mask(model_uri)}: no exported model here (no model.json): the run has not "
+                "finished, or this is not an orch run directory (<storage_path>/<name>)"
+            )
+        try:
+            reports = export_model(local, formats, tolerance=tolerance, log=log)
+        finally:  # the formats accepted are kept, as beside a local model
+            upload_dir(str(local), model_uri)
+        run_id: str | None = None
+        notes: list[str] = []
+        if tracking:
+            from orchestrator.exporting.tracked import log_exports
+
+            run_id, notes = log_exports(local, reports, tracking_uri)
+    return Exported(model_uri, reports, run_id, notes)
 
 
 def upload_runs(file: str | Path) -> int:

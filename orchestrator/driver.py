@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.errors import RunError, TrainingFailed
+from orchestrator.errors import ExportError, RunError, TrainingFailed
 from orchestrator.exporting import export_at_end
 from orchestrator.models import import_ahead
 from orchestrator.ray_session import ray_session
 from orchestrator.runlock import run_lock
 from orchestrator.spec import WorkloadSpec
 from orchestrator.stopping import Stopped, keep_sigint, stop_signals
+from orchestrator.storage import download_dir, is_remote, join
+from orchestrator.train.checkpoint import checkpoint_uri
 from orchestrator.train.config import WorkerConfig
 from orchestrator.train.loop import total_steps
 from orchestrator.train.trainer import (
@@ -31,7 +33,9 @@ from orchestrator.train.trainer import (
     export_checkpoint,
     export_final,
     local_dir,
+    model_workdir,
     prepare_run,
+    publish_model,
     resumable_checkpoint,
     storage_uri,
     worker_config,
@@ -158,13 +162,16 @@ def _fit(
     except SystemExit:  # Ray Train's own Ctrl-C handler exits once it has aborted the run
         raise Stopped(signal.SIGINT) from None
     history = printer.events
-    model_dir = export_final(result, config, run.prepared) if export else None
-    export_at_end(spec.export, model_dir, log, tracker)  # the workload's `export:` formats
-    checkpoint = result.checkpoint.path if result.checkpoint else None
-    notes = tracker.finish("FINISHED", model_dir, checkpoint) if tracker is not None else []
+    # Ray names a remote run by its path on the bucket, without the scheme.
+    run_path = join(storage, name) if is_remote(storage) else result.path
+    checkpoint = checkpoint_uri(result.checkpoint) if result.checkpoint else None
+    with model_workdir(run_path) as workdir:
+        exported = export_final(result, config, run.prepared, workdir) if export else None
+        model_dir = _export_and_publish(spec, exported, run_path, log, tracker)
+        notes = tracker.finish("FINISHED", exported, checkpoint) if tracker is not None else []
     return RunResult(
         name=name,
-        path=result.path,
+        path=run_path,
         metrics=history[-1] if history else (result.metrics or {}),
         checkpoint=checkpoint,
         model_dir=model_dir,
@@ -188,16 +195,17 @@ def _already_finished(
 ) -> RunResult:
     """The run's newest checkpoint is its last step: keep it, export it if that is missing."""
     checkpoint, step = latest
-    run_path = f"{storage}/{name}"
-    model_dir = os.path.join(local_dir(run_path), "model")
-    if not os.path.isfile(os.path.join(model_dir, "model.json")):
-        import ray.train
+    run_path = join(storage, name)  # under storage_uri(): an absolute path or a URI already
+    with model_workdir(run_path) as workdir:
+        if is_remote(run_path):
+            download_dir(join(run_path, "model"), workdir)
+        if not os.path.isfile(os.path.join(workdir, "model.json")):
+            import ray.train
 
-        # Under storage_uri(): an absolute path or a URI already.
-        model_dir = export_checkpoint(ray.train.Checkpoint(checkpoint), run_path, config, data)
-    export_at_end(spec.export, model_dir, log, tracker)
-    log(f"{name} already finished; nothing to train (another --name starts a new run)")
-    notes = tracker.finish("FINISHED", model_dir, checkpoint) if tracker is not None else []
+            export_checkpoint(ray.train.Checkpoint(checkpoint), run_path, config, data, workdir)
+        model_dir = _export_and_publish(spec, workdir, run_path, log, tracker)
+        log(f"{name} already finished; nothing to train (another --name starts a new run)")
+        notes = tracker.finish("FINISHED", workdir, checkpoint) if tracker is not None else []
     return RunResult(
         name=name,
         path=run_path,
@@ -207,3 +215,22 @@ def _already_finished(
         seconds=time.monotonic() - started,
         notes=notes,
     )
+
+
+def _export_and_publish(
+    spec: WorkloadSpec,
+    model_dir: str | None,
+    run_path: str,
+    log: Callable[[str], None],
+    tracker: Tracker | None,
+) -> str | None:
+    """The workload's `export:` formats beside the fp32 model, then the model directory where it
+    stays: uploaded to `<run_path>/model` for a run on object storage, with every format."""
+    if model_dir is None:
+        return None
+    try:
+        export_at_end(spec.export, model_dir, log, tracker)
+    except ExportError:
+        publish_model(model_dir, run_path)  # the fp32 model is kept, as on local storage
+        raise
+    return publish_model(model_dir, run_path)

@@ -1,5 +1,5 @@
 """Shared fixtures: a real local Ray for integration tests, the real data in ../shared/data,
-one cache of prepared data for the session, and a real MLflow server."""
+one cache of prepared data for the session, a real MLflow server and a real S3-compatible one."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from builders import SHAKESPEARE, SHARED_DATA
-from servers import MlflowServer
+from servers import MlflowServer, S3Server
 
 
 @pytest.fixture(scope="session")
@@ -91,3 +91,30 @@ def mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
         yield srv
     finally:
         srv.stop()
+
+
+# Whatever of these the developer's own shell holds would reach past the test's server.
+_AWS_OTHERS = ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_CONFIG_FILE")
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
+    """moto's S3 server on a loopback port with the bucket `S3Server.BUCKET`, and the environment
+    pointing at it (endpoint, key pair, region), all restored and stopped after, pass or fail.
+
+    A local Ray's workers inherit the environment of `ray.init`: a test that trains on this
+    bucket starts its own Ray after this fixture (`orch run` in a subprocess does).
+    """
+    server = S3Server()
+    server.start()
+    try:
+        for name in _AWS_OTHERS:
+            monkeypatch.delenv(name, raising=False)
+        # No credentials files of the developer's: only the environment's key counts.
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        for name, value in server.env.items():
+            monkeypatch.setenv(name, value)
+        yield server
+    finally:
+        server.stop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from enum import Enum
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -20,7 +19,11 @@ FormatChoice = Enum("FormatChoice", {name: name for name in EXPORT_FORMATS}, typ
 
 def export(
     run_dir: Annotated[
-        Path, typer.Argument(help="A finished run's directory (orch_runs/<name>) or its model/.")
+        str,
+        typer.Argument(
+            help="A finished run's directory (orch_runs/<name>, or s3://bucket/runs/<name>) "
+            "or its model/."
+        ),
     ],
     formats: Annotated[
         list[FormatChoice],

@@ -17,6 +17,7 @@ from orchestrator.tracking.files import log_files
 from orchestrator.tracking.model_log import log_model
 from orchestrator.tracking.protocol import ARTIFACTS, TrackingError
 from orchestrator.tracking.server import default_tracking_uri, first_line, quick_requests
+from orchestrator.train.checkpoint import MANIFEST
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -177,11 +178,8 @@ class MlflowTracker:
         try:
             with quick_requests(timeout=30, retries=2):
                 if checkpoint_dir:  # the manifests of every checkpoint the run kept
-                    run_dir = Path(checkpoint_dir).parent
-                    for manifest in sorted(run_dir.glob("step-*/orch_checkpoint.json")):
-                        self.client.log_artifact(
-                            self.run_id, str(manifest), f"checkpoints/{manifest.parent.name}"
-                        )
+                    for step, text in _manifests(checkpoint_dir):
+                        self.client.log_text(self.run_id, text, f"checkpoints/{step}/{MANIFEST}")
                 if model_dir and status == "FINISHED":
                     judged = self.last if judged_on is None else judged_on
                     notes += log_model(
@@ -191,6 +189,25 @@ class MlflowTracker:
         except Exception as exc:
             notes.append(f"tracking: could not finish the MLflow run: {first_line(exc)}")
         return notes
+
+
+def _manifests(checkpoint_dir: str) -> list[tuple[str, str]]:
+    """(checkpoint name, manifest text) of every checkpoint beside `checkpoint_dir`, a local path
+    or a URI on object storage, oldest first."""
+    import pyarrow.fs as pafs
+
+    from orchestrator.storage import open_location, read_text
+
+    fs, path = open_location(checkpoint_dir)
+    run_dir = path.rstrip("/").rsplit("/", 1)[0]
+    prefix = checkpoint_dir.rstrip("/").rsplit("/", 1)[0]  # keeps the URI's scheme
+    names = sorted(
+        info.base_name
+        for info in fs.get_file_info(pafs.FileSelector(run_dir))
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("step-")
+    )
+    found = [(name, read_text(f"{prefix}/{name}/{MANIFEST}")) for name in names]
+    return [(name, text) for name, text in found if text is not None]
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:

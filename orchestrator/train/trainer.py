@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -19,6 +20,7 @@ from orchestrator.files import write_atomic
 from orchestrator.models import DataInfo, ModelError, config_hash, resolve_custom
 from orchestrator.spec import BINARY_METRICS, CVSpec, DataFormat, WorkloadSpec, fold_workloads
 from orchestrator.spec.workload import inputs_mismatch
+from orchestrator.storage import is_remote, join, upload_dir
 from orchestrator.train.checkpoint import CheckpointMismatch, Manifest, export_model, manifest_in
 from orchestrator.train.config import DatasetFacts, WorkerConfig
 from orchestrator.train.custom_step import check_optimizers, load_step
@@ -39,8 +41,10 @@ __all__ = [
     "export_checkpoint",
     "export_final",
     "local_dir",
+    "model_workdir",
     "named_read_failure",
     "prepare_run",
+    "publish_model",
     "resumable_checkpoint",
     "storage_uri",
     "worker_config",
@@ -65,7 +69,17 @@ def check_inputs(spec: WorkloadSpec) -> None:
     from orchestrator.data import DataError
     from orchestrator.data.formats import detect_format
     from orchestrator.data.sources import find_source
+    from orchestrator.storage import check_location, storage_error
 
+    # Object storage first: a missing bucket or refused credentials, named, before anything else.
+    for field, location in (
+        ("data.train", spec.data.train),
+        ("data.eval", spec.data.eval),
+        ("data.cache_dir", spec.data.cache_dir),
+        ("train.storage_path", spec.train.storage_path),
+    ):
+        if location is not None:
+            check_location(location, field)
     try:
         if spec.model.kind == "custom":
             resolve_custom(spec.model.build)
@@ -80,6 +94,9 @@ def check_inputs(spec: WorkloadSpec) -> None:
         raise RunError(f"data: {exc}") from None
     except ModelError as exc:
         raise RunError(str(exc)) from None
+    except OSError as exc:  # the object store refused to list a source (credentials, policy)
+        sources = [s for s in (spec.data.train, spec.data.eval) if s is not None]
+        raise RunError(storage_error(" or ".join(sources), exc, "data")) from None
     # What `auto` makes of the files, against what the model takes: a classifier pointed at
     # plain JSONL would otherwise have its data prepared as a language model's.
     with contextlib.suppress(DataError):  # a format it cannot tell: prepare says so, in full
@@ -273,12 +290,35 @@ def build_trainer(
 
 
 def export_final(
-    result: ray.train.Result, config: WorkerConfig, data: PreparedData | None = None
+    result: ray.train.Result,
+    config: WorkerConfig,
+    data: PreparedData | None = None,
+    model_dir: str | None = None,
 ) -> str | None:
-    """Export the run's last checkpoint as a plain fp32 model next to it; None without one."""
+    """Export the run's last checkpoint as a plain fp32 model next to it (or into the local
+    `model_dir`); None without one."""
     if result.checkpoint is None:
         return None
-    return export_checkpoint(result.checkpoint, result.path, config, data)
+    return export_checkpoint(result.checkpoint, result.path, config, data, model_dir)
+
+
+@contextlib.contextmanager
+def model_workdir(run_path: str) -> Iterator[str]:
+    """The local directory a run's model is exported into: `<run_path>/model` for a local run,
+    a temporary one for a run on object storage (`publish_model` uploads it from there)."""
+    if not is_remote(run_path):
+        yield os.path.join(run_path, "model")
+        return
+    with tempfile.TemporaryDirectory(prefix="orch-model-") as scratch:
+        yield os.path.join(scratch, "model")
+
+
+def publish_model(model_dir: str, run_path: str) -> str:
+    """Where the run's model lives for good: `<run_path>/model`, uploaded there (with every
+    format exported beside it) when the run is on object storage."""
+    if not is_remote(run_path):
+        return model_dir
+    return upload_dir(model_dir, join(run_path, "model"))
 
 
 def export_checkpoint(
@@ -286,12 +326,17 @@ def export_checkpoint(
     run_path: str,
     config: WorkerConfig,
     data: PreparedData | None = None,
+    model_dir: str | None = None,
 ) -> str:
-    """`data`: the run's prepared data, recorded so that `orch export` checks on real batches."""
+    """`data`: the run's prepared data, recorded so that `orch export` checks on real batches.
+
+    `model_dir`: a local directory to write the model to; by default `<run_path>/model`. A run
+    on object storage exports into a local one, then uploads it (`publish_model`).
+    """
     from orchestrator.exporting.samples import check_data
 
     dataset = config.dataset.model_dump(mode="json")
-    model_dir = os.path.join(local_dir(run_path), "model")
+    model_dir = model_dir or os.path.join(local_dir(run_path), "model")
     if data is not None and (tokenizer := data.tokenizer_json()) is not None:
         # Beside the weights, for the workload that fine-tunes them (data.tokenizer.kind: file);
         # before model.json, which export_model writes last.
@@ -340,7 +385,10 @@ def storage_uri(path: str) -> str:
 
 
 def local_dir(path: str) -> str:
-    if "://" in path:  # remote storage: export next to the working directory instead
+    """A local directory for what a run keeps on this machine (tracking reports not sent yet,
+    a sweep's trial models): the run's own directory, or `orch_exports/<name>` when the run is
+    on object storage. A run's final model goes to `<run_path>/model` either way."""
+    if is_remote(path):
         return os.path.abspath(os.path.join("orch_exports", path.rstrip("/").split("/")[-1]))
     return path
 
