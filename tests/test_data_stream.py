@@ -118,7 +118,7 @@ def test_corrupt_shard_footer_is_named(prepared, tmp_path: Path) -> None:
 def test_missing_shard_is_named(prepared, tmp_path: Path) -> None:
     copy = _copy(prepared, tmp_path)
     Path(copy.files("eval")[0]).unlink()
-    with pytest.raises(DataError, match=r"eval/part-00000.parquet: shard is missing"):
+    with pytest.raises(DataError, match=r"eval/part-00000-00000\.parquet: shard is missing"):
         check_shards(copy)
 
 
