@@ -210,11 +210,10 @@ def test_s3_end_to_end_prepare_train_kill_resume_export_track(
     `orch run` runs as a real subprocess: its Ray starts with the environment the s3 fixture set
     (a local Ray's workers inherit the environment of `ray.init`, not later changes).
     """
-    import ray
     from mlflow.tracking import MlflowClient
 
-    if ray.is_initialized():
-        pytest.skip("needs this process without a Ray of its own: one Ray at a time here")
+    # The session's Ray, if an earlier test started it, stays idle meanwhile: it was started
+    # without these credentials, and `orch run` starts one of its own (never joins it).
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     train = _put_csv(s3, "tables/train.csv", _table())
     storage = f"s3://{BUCKET}/runs"
