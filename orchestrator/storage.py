@@ -49,7 +49,9 @@ def storage_error(uri: str, exc: BaseException, what: str = "") -> str:
     """A clear, masked message for a request the object store refused or could not answer."""
     text = first_line(exc)
     where = f"{what}: {mask(uri)}" if what else mask(uri)
-    if "NO_SUCH_BUCKET" in text or "bucket does not exist" in text:
+    # pyarrow says it three ways: S3's error code, a missing bucket on a read, on a write
+    missing = ("NO_SUCH_BUCKET", "bucket does not exist", "To create buckets")
+    if any(m in text for m in missing):
         return f"{where}: the bucket {_bucket(uri)!r} does not exist (create it, or fix the URI)"
     if any(s in text for s in ("ACCESS_DENIED", "SIGNATURE_DOES_NOT_MATCH", "INVALID_ACCESS_KEY")):
         return f"{where}: access denied ({mask(text)}); {_CREDENTIALS}"

@@ -101,6 +101,34 @@ def test_wrong_credentials_exit_2_without_the_secret(
     assert wrong not in output and real_secret not in output
 
 
+def test_data_prepare_names_a_bad_s3_location_without_the_secret(
+    s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`orch data prepare` (no run's checks before it): a missing bucket for the data or the
+    cache, and wrong credentials, are exit 2 naming the object; no secret in the output."""
+    train = _put_csv(s3, "good/table.csv", _table(40))
+    workload = str(LOCAL / "tabular_mlp.yaml")
+
+    def prepare_cli(*sets: str) -> tuple[int, str]:
+        args = ["data", "prepare", workload]
+        for each in sets:
+            args += ["--set", each]
+        result = CliRunner().invoke(app, args)
+        return result.exit_code, " ".join(result.output.split())
+
+    cache = f"data.cache_dir={quoted(tmp_path / 'cache')}"
+    code, text = prepare_cli("data.train=s3://no-such-bucket/t.csv", cache)
+    assert code == 2 and "the bucket 'no-such-bucket' does not exist" in text, text
+    code, text = prepare_cli(f"data.train={train}", "data.cache_dir=s3://no-cache-bucket/c")
+    assert code == 2 and "data.cache_dir: s3://no-cache-bucket/c" in text, text
+    assert "does not exist" in text, text
+    real_secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-0123456789abcdef")
+    code, text = prepare_cli(f"data.train={train}", cache)
+    assert code == 2 and "access denied" in text and train in text, text
+    assert "wrong-secret" not in text and real_secret not in text
+
+
 def test_model_upload_lands_under_the_run(s3: S3Server, tmp_path: Path) -> None:
     model = tmp_path / "model"
     model.mkdir()
@@ -128,12 +156,14 @@ def test_manifests_are_read_from_s3(s3: S3Server, tmp_path: Path) -> None:
     assert read_text(f"s3://{BUCKET}/runs/tab/step-00000006/orch_checkpoint.json") is None
 
 
-def test_check_location_and_run_lock_on_s3(s3: S3Server, tmp_path: Path) -> None:
+def test_check_location_and_run_lock_on_s3(
+    s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     check_location(f"s3://{BUCKET}/anything/*.csv", "data.train")  # the bucket is there
     check_location(str(tmp_path / "not-yet"), "train.storage_path")  # local: not checked here
     with pytest.raises(RunError, match="'missing-bucket' does not exist"):
         check_location("s3://missing-bucket/runs", "train.storage_path")
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # restored after: later tests read the repository's files
     with run_lock(f"s3://{BUCKET}/runs", "tab"):  # no lock on object storage, no local debris
         pass
     assert list(tmp_path.iterdir()) == []

@@ -43,7 +43,7 @@ from orchestrator.data.image_folder import prepare_image_folder
 from orchestrator.data.images import prepare_images
 from orchestrator.data.labeled_text import prepare_labeled_text
 from orchestrator.data.shards import image_schema, text_schema, write_file
-from orchestrator.data.sources import DataError, Source, find_source
+from orchestrator.data.sources import DataError, Source, filesystem_of, find_source
 from orchestrator.data.tabular import prepare_tabular
 from orchestrator.data.text import prepare_text
 from orchestrator.spec import DataSpec
@@ -107,7 +107,12 @@ def prepare(
     # preparations of one corpus at once both finish, and the first manifest wins.
     attempt = f"attempt-{secrets.token_hex(6)}"
     log(f"preparing {source.uri} ({fmt_name}) into {root}")
-    fs.create_dir(f"{root}/{attempt}", recursive=True)
+    try:
+        fs.create_dir(f"{root}/{attempt}", recursive=True)
+    except OSError as exc:  # a missing bucket, or credentials that may not write there
+        from orchestrator.storage import storage_error
+
+        raise DataError(storage_error(data.cache_dir, exc, "data.cache_dir")) from None
     started = time.monotonic()
     try:
         if isinstance(fmt, TextFormat):
@@ -206,7 +211,7 @@ def _cache_key(
 
 def _cache_location(cache_dir: str) -> tuple[pafs.FileSystem, str]:
     if "://" in cache_dir:
-        fs, path = pafs.FileSystem.from_uri(cache_dir)
+        fs, path = filesystem_of(cache_dir, "data.cache_dir")
         return fs, path.rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(cache_dir)
 

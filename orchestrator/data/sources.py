@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 from orchestrator.errors import DataError
 from orchestrator.masking import mask
 
-__all__ = ["DataError", "Source", "find_source"]
+__all__ = ["DataError", "Source", "filesystem_of", "find_source"]
 
 _GLOB_CHARS = set("*?[")
 
@@ -37,19 +37,31 @@ def find_source(uri: str) -> Source:
     """Resolve a path, directory, glob or URI to its files; DataError if there are none."""
     fs, path = _filesystem(uri)
     base, pattern = _split_glob(path)
-    info = fs.get_file_info(base)
-    if info.type == pafs.FileType.NotFound:
-        raise DataError(f"{mask(uri)}: no such file or directory")
-    if info.type == pafs.FileType.File and pattern is None:
-        infos = [info]
-    else:
-        infos = [
-            i
-            for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
-            if i.type == pafs.FileType.File
-            and not _hidden(i.path, base)
-            and (pattern is None or fnmatch.fnmatch(i.path, pattern))
-        ]
+    try:
+        info = fs.get_file_info(base)
+        if info.type == pafs.FileType.NotFound:
+            bucket = path.split("/", 1)[0]
+            if "://" in uri and fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise DataError(
+                    f"{mask(uri)}: the bucket {bucket!r} does not exist (create it, or fix the URI)"
+                )
+            raise DataError(f"{mask(uri)}: no such file or directory")
+        if info.type == pafs.FileType.File and pattern is None:
+            infos = [info]
+        else:
+            infos = [
+                i
+                for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+                if i.type == pafs.FileType.File
+                and not _hidden(i.path, base)
+                and (pattern is None or fnmatch.fnmatch(i.path, pattern))
+            ]
+    except OSError as exc:  # an object store refused or could not answer: say which, masked
+        if "://" not in uri:
+            raise DataError(f"{mask(uri)}: cannot list it: {exc}") from None
+        from orchestrator.storage import storage_error
+
+        raise DataError(storage_error(uri, exc)) from None
     infos.sort(key=lambda i: i.path)
     if not infos:
         raise DataError(f"{mask(uri)}: no files found")
@@ -70,11 +82,17 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" in uri:
         # ArrowInvalid lives in pyarrow, not pyarrow.fs: naming the latter turned every
         # unreachable bucket into an AttributeError raised by this except clause.
-        try:
-            return pafs.FileSystem.from_uri(_strip_glob_for_uri(uri)[0])[0], _uri_path(uri)
-        except (pa.ArrowInvalid, OSError, ValueError) as exc:
-            raise DataError(mask(f"{uri}: cannot open this location: {exc}")) from None
+        return filesystem_of(_strip_glob_for_uri(uri)[0], "")[0], _uri_path(uri)
     return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def filesystem_of(uri: str, what: str) -> tuple[pafs.FileSystem, str]:
+    """`FileSystem.from_uri`, its failures a DataError naming the (masked) URI and `what`."""
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, OSError, ValueError) as exc:
+        where = f"{what}: {uri}" if what else uri
+        raise DataError(mask(f"{where}: cannot open this location: {exc}")) from None
 
 
 def _strip_glob_for_uri(uri: str) -> tuple[str, str | None]:
