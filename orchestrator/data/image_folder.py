@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from orchestrator.data.images import IMAGE_SUFFIXES
-from orchestrator.data.parallel import run_tasks
+from orchestrator.data.parallel import merged_splits, run_tasks
 from orchestrator.data.shards import ShardWriter, held_out, image_schema
 from orchestrator.data.sources import DataError, Source, find_source
 from orchestrator.spec import DataSpec
@@ -87,13 +87,7 @@ def prepare_image_folder(
         reports += run_tasks(
             write_image_batch, eval_batches, job, address=ray_address, verbose=verbose
         )
-    splits = {
-        s: {
-            "rows": sum(r[s]["rows"] for r in reports),
-            "shards": [name for r in reports for name in r[s]["shards"]],
-        }
-        for s in ("train", "eval")
-    }
+    splits = merged_splits(reports)
     if splits["train"]["rows"] == 0:
         raise DataError(f"{source.uri}: no training images after the split")
     skipped = [path for r in reports for path in r["skipped"]]

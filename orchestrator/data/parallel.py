@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from orchestrator.data.sources import DataError
 
-__all__ = ["run_tasks"]
+__all__ = ["merged_splits", "run_tasks"]
 
 Item = TypeVar("Item")
 Report = dict[str, Any]
@@ -47,6 +47,19 @@ def run_tasks(
         except Exception as exc:
             raise _user_error(exc) from None
     return [json.loads(row["report"]) for row in sorted(done, key=lambda row: row["order"])]
+
+
+def merged_splits(reports: list[Report], counts: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The manifest's splits from the tasks' reports, in their order: the rows and the shards of
+    each split, and the sum of each of `counts` (such as "tokens")."""
+    return {
+        split: {
+            "rows": sum(r[split]["rows"] for r in reports),
+            "shards": [name for r in reports for name in r[split]["shards"]],
+            **{key: sum(r[split][key] for r in reports) for key in counts},
+        }
+        for split in ("train", "eval")
+    }
 
 
 def _call(row: dict[str, Any], task: Callable[[Any, Any], Report], job: Any) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from orchestrator.data.chunks import Chunk, Piece, line_count_before, lines_of
-from orchestrator.data.parallel import run_tasks
+from orchestrator.data.parallel import merged_splits, run_tasks
 from orchestrator.data.shards import ShardWriter, held_out, text_schema, write_file
 from orchestrator.data.sources import DataError, Source
 from orchestrator.data.tokenizer import special_tokens, tokenizer_facts, train_tokenizer
@@ -88,12 +88,13 @@ def prepare_text(
     tok = train_tokenizer(
         data.tokenizer, tokenizer_sample(source.filesystem, fmt, train_chunks, data)
     )
-    write_file(fs, f"{root}/tokenizer.json", tok.to_str())
+    tokenizer_json = tok.to_str()
+    write_file(fs, f"{root}/tokenizer.json", tokenizer_json)
     trained = time.monotonic()
 
     def job(src: Source, fraction: float) -> TextJob:
         return TextJob(
-            fmt_name, data.text_column, data.seq_len, data.shard_rows, fraction, tok.to_str(),
+            fmt_name, data.text_column, data.seq_len, data.shard_rows, fraction, tokenizer_json,
             src.filesystem, fs, root,
         )  # fmt: skip
 
@@ -102,14 +103,7 @@ def prepare_text(
     reports = _run(train_job, train_chunks, data.limit, ray_address, verbose)
     if eval_source is not None:
         reports += _run(job(eval_source, 1.0), eval_chunks, data.limit, ray_address, verbose)
-    splits = {
-        s: {
-            "rows": sum(r[s]["rows"] for r in reports),
-            "shards": [name for r in reports for name in r[s]["shards"]],
-            "tokens": sum(r[s]["tokens"] for r in reports),
-        }
-        for s in ("train", "eval")
-    }
+    splits = merged_splits(reports, counts=("tokens",))
     if splits["train"]["rows"] == 0:
         seen = sum(r["tokens_seen"] for r in reports)
         raise DataError(
