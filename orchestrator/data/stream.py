@@ -286,19 +286,23 @@ def mask_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: pick `probability` of the ordinary tokens; 80% [MASK], 10% random, 10% kept.
 
-    Returns (inputs, labels) with labels -100 where no prediction is made.
+    Returns (inputs, labels) on `input_ids`' device, labels -100 where no prediction is made.
+    The random draws come from `generator` on the CPU and are copied to that device: the same
+    seed masks the same tokens on a CPU or a GPU, and a batch that Ray put on the GPU never
+    meets a CPU tensor in an operation (CUDA refuses that).
     """
-    labels = input_ids.clone()
-    ordinary = ~torch.isin(input_ids, torch.tensor(special_ids, dtype=input_ids.dtype))
-    chosen = (torch.rand(input_ids.shape, generator=generator) < probability) & ordinary
-    labels[~chosen] = -100
-    inputs = input_ids.clone()
-    roll = torch.rand(input_ids.shape, generator=generator)
-    inputs[chosen & (roll < 0.8)] = mask_id
+    device = input_ids.device
+    chosen_draw = torch.rand(input_ids.shape, generator=generator)
+    roll_draw = torch.rand(input_ids.shape, generator=generator)
+    swaps = torch.randint(vocab_size, input_ids.shape, generator=generator, dtype=input_ids.dtype)
+    specials = torch.tensor(special_ids, dtype=input_ids.dtype, device=device)
+    ordinary = ~torch.isin(input_ids, specials)
+    chosen = (chosen_draw.to(device, non_blocking=True) < probability) & ordinary
+    labels = torch.where(chosen, input_ids, -100)
+    roll = roll_draw.to(device, non_blocking=True)
+    inputs = torch.where(chosen & (roll < 0.8), mask_id, input_ids)
     swap = chosen & (roll >= 0.8) & (roll < 0.9)
-    inputs[swap] = torch.randint(
-        vocab_size, input_ids.shape, generator=generator, dtype=input_ids.dtype
-    )[swap]
+    inputs = torch.where(swap, swaps.to(device, non_blocking=True), inputs)
     return inputs, labels
 
 

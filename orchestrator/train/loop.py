@@ -114,8 +114,9 @@ def run_loop(cfg: WorkerConfig, session: Session) -> None:
         with checkpoint.as_directory() as directory:
             engine.load(directory)
 
+    # Masks and crops are drawn on the CPU, the same on any device (see mask_tokens).
     mask_gen = torch.Generator().manual_seed(train.seed * 1000 + rank + step)
-    window = _Window()
+    window = _Window(engine.device)
 
     for epoch in range(start_epoch, epochs):
         if step >= total:
@@ -142,7 +143,7 @@ def run_loop(cfg: WorkerConfig, session: Session) -> None:
             else:
                 with engine.forward_context():
                     loss = _loss(engine.model(inputs), labels, task)
-                window.add_loss(loss.detach().float().item(), len(labels))
+                window.add_loss(loss, len(labels))
                 stepped = engine.backward(loss)
             if not stepped:
                 wait_started = time.perf_counter()
@@ -172,27 +173,34 @@ def run_loop(cfg: WorkerConfig, session: Session) -> None:
 
 
 class _Window:
-    """Accumulates loss and timings between reports."""
+    """Accumulates loss and timings between reports.
 
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.wait = 0.0
-        self.loss_sum = 0.0
-        self.count = 0
-        self.samples = 0
+    The loss is summed on the engine's device: reading it every micro step (`.item()`) would
+    make the host wait for the GPU at each step. It is read once per report, after the one
+    all-reduce of the window's totals, which runs on that device too (NCCL takes CUDA tensors
+    only).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.last_step = 0
+        self.restart()
 
-    def add_loss(self, loss: float, n: int) -> None:
-        self.loss_sum += loss
+    def add_loss(self, loss: torch.Tensor, n: int) -> None:
+        self.loss_sum += loss.detach().to(torch.float64)
         self.count += 1
         self.samples += n
+
+    def totals(self) -> torch.Tensor:
+        """This worker's (loss sum, micro steps, samples, data wait) on the device."""
+        counts = torch.tensor([self.count, self.samples, self.wait], dtype=torch.float64)
+        return torch.cat([self.loss_sum.reshape(1), counts.to(self.device)])
 
     def flush(
         self, step: int, epoch: int, lr: float, cfg: WorkerConfig, world: int
     ) -> dict[str, Any]:
         elapsed = time.perf_counter() - self.start
-        totals = _all_sum(torch.tensor([self.loss_sum, self.count, self.samples, self.wait]))
-        loss_sum, count, samples, wait = totals.tolist()
+        loss_sum, count, samples, wait = _all_sum(self.totals()).tolist()
         steps = max(1, step - self.last_step)
         out = {
             "step": step,
@@ -211,7 +219,8 @@ class _Window:
 
     def restart(self) -> None:
         self.start = time.perf_counter()
-        self.wait = self.loss_sum = 0.0
+        self.wait = 0.0
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.count = self.samples = 0
 
 
@@ -278,12 +287,7 @@ def _evaluate(shard: Any, task: str, cfg: WorkerConfig, engine: Engine) -> dict[
     if shard is None:
         return {}
     gen = torch.Generator().manual_seed(cfg.train.seed)  # the same masks at every evaluation
-    classes = cfg.data_info.num_classes or 1
-    confusion = torch.zeros(classes, classes, dtype=torch.float64)
-    # Binary problems also get ROC AUC, from score histograms that sum across workers.
-    binary = task == "classification" and classes == 2
-    scores = torch.zeros(2, AUC_BINS, dtype=torch.float64)
-    loss_sum = correct = count = 0.0
+    totals = _EvalTotals(engine.device, cfg.data_info.num_classes or 1, task)
     with no_grad_eval(engine):
         for i, batch in enumerate(eval_batches(shard, cfg.train.micro_batch_size)):
             if cfg.train.eval_batches and i >= cfg.train.eval_batches:
@@ -292,27 +296,48 @@ def _evaluate(shard: Any, task: str, cfg: WorkerConfig, engine: Engine) -> dict[
             logits = _logits(engine.model(inputs)).float()
             if task == "causal_lm":
                 logits, labels = logits[:, :-1], labels[:, 1:]
-            flat, target = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-            keep = target != -100
-            loss_sum += F.cross_entropy(flat[keep], target[keep], reduction="sum").item()
-            predicted = flat[keep].argmax(-1)
-            correct += (predicted == target[keep]).sum().item()
-            count += keep.sum().item()
-            if task == "classification":
-                confusion += (
-                    torch.bincount(target * classes + predicted, minlength=classes * classes)
-                    .reshape(classes, classes)
-                    .double()
-                )
-            if binary:
-                scores += score_histogram(flat[keep].softmax(-1)[:, 1], target[keep])
-    totals = _all_sum(torch.tensor([loss_sum, correct, count], dtype=torch.float64))
-    loss_sum, correct, count = totals.tolist()
-    if count == 0:
-        return {}
-    out = {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
-    if task == "classification":
-        confusion = _all_sum(confusion)
+            totals.add(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    return totals.metrics()
+
+
+class _EvalTotals:
+    """Evaluation's sums, kept on the engine's device until the end: one all-reduce and one
+    read per evaluation rather than a host-device sync per batch. Binary classifiers also get
+    ROC AUC, from score histograms that sum across workers."""
+
+    def __init__(self, device: torch.device, classes: int, task: str) -> None:
+        self.classes, self.task = classes, task
+        self.binary = task == "classification" and classes == 2
+        f64 = torch.float64
+        self.sums = torch.zeros(3, dtype=f64, device=device)  # loss, correct, count
+        self.confusion = torch.zeros(classes, classes, dtype=f64, device=device)
+        self.scores = torch.zeros(2, AUC_BINS, dtype=f64, device=device)
+
+    def add(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        # Positions without a label (-100) are weighed 0 rather than dropped: dropping them
+        # (boolean indexing) or a data-sized bincount would make the host wait for the GPU.
+        keep = target != -100
+        weight = keep.double()
+        predicted = logits.argmax(-1)
+        loss = F.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
+        correct = ((predicted == target) & keep).sum()
+        self.sums += torch.stack([loss.double(), correct.double(), weight.sum()])
+        if self.task == "classification":
+            pair = torch.where(keep, target * self.classes + predicted, 0)
+            self.confusion.view(-1).index_add_(0, pair, weight)
+        if self.binary:
+            probability = logits.softmax(-1)[:, 1]
+            self.scores += score_histogram(probability, target.clamp(min=0), weight)
+
+    def metrics(self) -> dict[str, float]:
+        loss_sum, correct, count = _all_sum(self.sums).tolist()
+        if count == 0:
+            return {}
+        out = {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
+        if self.task != "classification":
+            out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
+            return out
+        confusion = _all_sum(self.confusion).cpu()
         tp = confusion.diag()
         precision = tp / confusion.sum(0).clamp(min=1)
         recall = tp / confusion.sum(1).clamp(min=1)
@@ -322,11 +347,9 @@ def _evaluate(shard: Any, task: str, cfg: WorkerConfig, engine: Engine) -> dict[
             eval_recall=recall.mean().item(),
             eval_f1=f1.mean().item(),
         )
-        if binary and (auc := roc_auc(_all_sum(scores))) is not None:
+        if self.binary and (auc := roc_auc(_all_sum(self.scores).cpu())) is not None:
             out["eval_roc_auc"] = auc
-    else:
-        out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
-    return out
+        return out
 
 
 def _eval_inputs(
@@ -343,6 +366,7 @@ def _eval_inputs(
 
 
 def _all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over the workers; `tensor` must be on the engine's device (NCCL: CUDA only)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         tensor = tensor.clone()
         dist.all_reduce(tensor)

@@ -19,11 +19,19 @@ __all__ = ["AUC_BINS", "roc_auc", "score_histogram"]
 AUC_BINS = 1024
 
 
-def score_histogram(positive_probability: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(2, AUC_BINS) float64 counts on the CPU: row 0 the negatives', row 1 the positives'."""
+def score_histogram(
+    positive_probability: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(2, AUC_BINS) float64 counts on the inputs' device: row 0 the negatives', row 1 the
+    positives'. A sample counts `weight` (default 1; 0 leaves it out)."""
     index = (positive_probability.float() * AUC_BINS).long().clamp(0, AUC_BINS - 1)
-    counts = torch.bincount(labels.long() * AUC_BINS + index, minlength=2 * AUC_BINS)
-    return counts.reshape(2, AUC_BINS).double().cpu()
+    counts = torch.zeros(2 * AUC_BINS, dtype=torch.float64, device=index.device)
+    if weight is None:
+        weight = torch.ones(len(index), dtype=torch.float64, device=index.device)
+    # index_add_ rather than bincount: a bincount's size depends on the data, which on a GPU
+    # makes the host wait for it.
+    counts.index_add_(0, labels.long() * AUC_BINS + index, weight.double())
+    return counts.reshape(2, AUC_BINS)
 
 
 def roc_auc(histogram: torch.Tensor) -> float | None:
