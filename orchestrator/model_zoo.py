@@ -8,6 +8,7 @@ orchestrator.models pairs each kind with its builder.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,11 +78,37 @@ def _vocab(spec: BertMLMModel | BertClassifierModel | GPTModel, data: DataInfo) 
 
 
 def build_bert(spec: BertMLMModel, data: DataInfo) -> nn.Module:
+    cls = masked_lm_bert()
+    if spec.pretrained:
+        return _from_pretrained(cls, spec.pretrained)
+    return cls(bert_config(spec, data))
+
+
+@functools.cache
+def masked_lm_bert() -> type[nn.Module]:
+    """transformers' BertForMaskedLM, able to predict at chosen positions only.
+
+    `model(input_ids, predict_at=mask)` returns the logits of the positions where `mask` is
+    True, (positions, vocab): the encoder still reads every token, but the MLM head (its
+    transform and the projection to the vocabulary) runs on the ~15% that are masked, as
+    MosaicBERT does. Without `predict_at` it is BertForMaskedLM as it was, with the same
+    weights and state dict, so checkpoints and exports are unchanged. Defined on first use:
+    importing transformers takes seconds.
+    """
     from transformers import BertForMaskedLM
 
-    if spec.pretrained:
-        return _from_pretrained(BertForMaskedLM, spec.pretrained)
-    return BertForMaskedLM(bert_config(spec, data))
+    class MaskedLMBert(BertForMaskedLM):
+        predicts_at_positions = True
+
+        def forward(
+            self, input_ids: Any = None, *args: Any, predict_at: Any = None, **kwargs: Any
+        ) -> Any:
+            if predict_at is None:
+                return super().forward(input_ids, *args, **kwargs)
+            hidden = self.bert(input_ids, *args, **kwargs).last_hidden_state
+            return self.cls(hidden[predict_at])
+
+    return MaskedLMBert
 
 
 def bert_config(spec: BertMLMModel | BertClassifierModel, data: DataInfo, **extra: Any) -> Any:

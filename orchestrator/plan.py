@@ -22,6 +22,7 @@ __all__ = [
     "Unschedulable",
     "check_data_cpus",
     "check_fit",
+    "check_gpus",
     "check_here",
     "check_memory",
     "count_parameters",
@@ -51,7 +52,9 @@ def check_here(spec: WorkloadSpec, info: DataInfo) -> None:
     import psutil
     import ray
 
-    check_data_cpus(spec.scaling, ray.cluster_resources().get("CPU", 0))
+    resources = ray.cluster_resources()
+    check_data_cpus(spec.scaling, resources.get("CPU", 0))
+    check_gpus(spec.scaling, resources.get("GPU", 0.0))
     if not spec.scaling.use_gpu:
         check_memory(
             spec.model,
@@ -61,6 +64,19 @@ def check_here(spec: WorkloadSpec, info: DataInfo) -> None:
             spec.scaling,
             psutil.virtual_memory().available,
             "this machine",
+        )
+
+
+def check_gpus(scaling: ScalingSpec, gpus: float) -> None:
+    """A GPU workload where Ray has too few GPUs would wait for them forever: refuse it."""
+    if not scaling.use_gpu:
+        return
+    need = scaling.num_workers * worker_resources(scaling).get("GPU", 1.0)
+    if need > gpus + 1e-9:
+        raise Unschedulable(
+            f"scaling.use_gpu: the {scaling.num_workers} worker(s) need {_fmt(need)} GPU(s) and "
+            f"the Ray here has {_fmt(gpus)}; set scaling.use_gpu: false to train on CPU, or "
+            "submit it to a cluster with GPUs (orch submit)"
         )
 
 

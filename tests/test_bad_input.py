@@ -113,6 +113,12 @@ CASES: list[tuple[str, str, list[str], list[str]]] = [
         ["train.precision", "fp16 needs a GPU", "bf16"],
     ),
     (
+        "compile-without-gpu",
+        MINIMAL + "train: {compile: true}\n",
+        [],
+        ["train.compile", "GPU setting", "scaling.use_gpu", "set it false"],
+    ),
+    (
         "precision-twice",
         MINIMAL + "train: {precision: bf16}\ndeepspeed: {extra: {fp16: {enabled: true}}}\n",
         [],

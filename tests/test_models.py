@@ -160,7 +160,9 @@ from orchestrator.models import DataInfo, build_model, import_ahead
 import_ahead("bert_mlm", training=True)
 time.sleep(0.2)  # the import thread is inside transformers now
 spec = {"kind": "bert_mlm", "hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_seq_len": 16}
-print(type(build_model(spec, DataInfo(vocab_size=100))).__name__)
+model = build_model(spec, DataInfo(vocab_size=100))
+from transformers import BertForMaskedLM
+print(isinstance(model, BertForMaskedLM))
 """
 
 
@@ -175,4 +177,4 @@ def test_a_model_builds_while_its_library_is_imported_ahead() -> None:
         [sys.executable, "-c", IMPORT_AHEAD_THEN_BUILD], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "BertForMaskedLM"
+    assert done.stdout.strip() == "True"

@@ -39,6 +39,10 @@ class Progress:
             parts.append(f"loss {event['loss']:.4f}")
         if "samples_per_s" in event:
             parts.append(f"{event['samples_per_s']:.1f} samples/s")
+        if "mfu" in event:
+            parts.append(f"MFU {event['mfu']:.0%}")
+        if "peak_memory_gb" in event:
+            parts.append(f"{event['peak_memory_gb']:.1f} GB")
         parts += [f"{k} {v:.4g}" for k, v in event.items() if k in ("eval_loss", "eval_accuracy")]
         if total and event.get("step_time_s"):
             eta = int((total - step) * event["step_time_s"])

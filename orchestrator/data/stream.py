@@ -13,8 +13,9 @@ each epoch, evaluation and sweep trial waited seconds for its first batch
 0.6 s against 3.1 s). V1's read errors do not name the file; `unreadable_shard` finds it after
 a read has failed.
 
-Batch transforms (MLM masking, image decoding and augmentation) run on the worker, on whole
-torch batches: they are vectorized and overlap with the next batch's prefetch, while a Ray Data
+Batch transforms run on the worker, on whole batches: image decoding in the collate step
+(orchestrator/data/collate.py, in Ray's prefetch threads), MLM masking and image augmentation
+in the loop on the worker's device (vectorized, no loop per sample), while a Ray Data
 `map_batches` stage needs CPUs that Ray Train has reserved for its workers and moves a second
 column through the object store. Measured for MLM masking (bench/data_pipeline.py, 2 cores):
 masking in the worker streams at 1.02x the rate of no masking, a map_batches stage at 0.79x
@@ -27,12 +28,14 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
 
 from orchestrator.data.labeled_text import labeled_text_schema
 from orchestrator.data.prepare import PreparedData, image_schema
@@ -44,9 +47,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Batch",
+    "Feed",
+    "ImageDecoding",
     "StartedEarly",
     "check_shards",
     "decode_images",
+    "decode_to_uint8",
     "epoch_batches",
     "eval_batches",
     "ingest_config",
@@ -54,6 +60,7 @@ __all__ = [
     "mask_tokens",
     "open_splits",
     "read_failed",
+    "to_float_images",
     "unreadable_shard",
 ]
 
@@ -197,7 +204,7 @@ class Batch(TypedDict, total=False):
 
     sample_id: torch.Tensor
     input_ids: torch.Tensor  # text, labeled text: (batch, seq_len) token ids
-    image: list[bytes]  # images: raw pixels or encoded files, decoded on the worker
+    image: torch.Tensor  # images: uint8 (batch, channels, size, size), decoded on the worker
     features: torch.Tensor  # tabular: (batch, num_features) float32, standardized
     label: torch.Tensor
 
@@ -212,20 +219,57 @@ def _expected_schema(prepared: PreparedData) -> pa.Schema:
     return image_schema()
 
 
+@dataclass(frozen=True)
+class Feed:
+    """How a worker's stream hands batches over: prefetch depth, pinned staging, and for
+    image data what the collate step decodes to."""
+
+    batch_size: int
+    prefetch_batches: int = 2
+    pin_memory: bool = False
+    images: ImageDecoding | None = None
+
+
+@dataclass(frozen=True)
+class ImageDecoding:
+    """Stored images -> uint8 (N, C, size, size): `encoding` raw (pixels of `shape`) or
+    encoded (PNG/JPEG files)."""
+
+    encoding: str
+    shape: list[int] | None
+    size: int
+    channels: int
+
+
 def epoch_batches(
-    shard: Any, batch_size: int, seed: int, epoch: int, shuffle_buffer: int
+    shard: Any, feed: Feed | int, seed: int, epoch: int, shuffle_buffer: int
 ) -> Iterator[Batch]:
-    """One epoch of a worker's shard as torch batches, shuffled by a seeded local buffer.
+    """One epoch of a worker's shard as torch batches, shuffled by a seeded local buffer
+    (`feed` an int: batches of that size, fed as `Feed`'s defaults).
 
     `drop_last` keeps every worker at the same number of steps, which DDP and ZeRO need.
     """
+    feed = Feed(feed) if isinstance(feed, int) else feed
     yield from shard.iter_torch_batches(
-        batch_size=batch_size,
+        batch_size=feed.batch_size,
         drop_last=True,
         local_shuffle_buffer_size=shuffle_buffer or None,
         local_shuffle_seed=seed + epoch if shuffle_buffer else None,
-        collate_fn=_to_tensors,
+        **_feeding(feed),
     )
+
+
+def _feeding(feed: Feed) -> dict[str, Any]:
+    """Ray's settings for `feed`. The collate step runs in Ray's prefetch threads, off the
+    training thread: image decoding happens there. Its output is all tensors, so Ray pins it
+    (when asked) and copies it to the worker's device without blocking the step."""
+    from orchestrator.data.collate import Collate  # imports Ray Data: on the worker only
+
+    return {
+        "prefetch_batches": feed.prefetch_batches,
+        "pin_memory": feed.pin_memory,
+        "collate_fn": Collate(feed.images),
+    }
 
 
 class StartedEarly(Iterator[T]):
@@ -253,26 +297,15 @@ class StartedEarly(Iterator[T]):
 _END = object()
 
 
-def eval_batches(shard: Any, batch_size: int) -> Iterator[Batch]:
+def eval_batches(shard: Any, feed: Feed | int) -> Iterator[Batch]:
     """A worker's eval shard in stored order, every row of it (a cross-validation evaluates
     each sample of its fold): the last batch may be short. Ray Train splits eval data equally
     (`streaming_split(equal=True)`), so every worker still runs as many batches, which ZeRO-3's
     gathers in the forward pass need."""
+    feed = Feed(feed) if isinstance(feed, int) else feed
     yield from shard.iter_torch_batches(
-        batch_size=batch_size, drop_last=False, collate_fn=_to_tensors
+        batch_size=feed.batch_size, drop_last=False, **_feeding(feed)
     )
-
-
-def _to_tensors(batch: dict[str, np.ndarray]) -> Batch:
-    out: dict[str, torch.Tensor | list[bytes]] = {}
-    for name, column in batch.items():
-        if name == "image":  # variable bytes stay as a list for decode_images
-            out[name] = list(column)
-        elif column.dtype == object:  # fixed-size lists arrive as arrays of arrays
-            out[name] = torch.from_numpy(np.stack(list(column)))
-        else:
-            out[name] = torch.from_numpy(np.ascontiguousarray(column))
-    return cast(Batch, out)
 
 
 def mask_tokens(
@@ -317,41 +350,64 @@ def decode_images(
     generator: torch.Generator,
 ) -> torch.Tensor:
     """Bytes -> float tensor (N, C, size, size) in [0, 1], with optional crop-and-flip."""
-    if encoding == "raw":
-        assert shape is not None
-        pixels = np.frombuffer(b"".join(images), dtype=np.uint8).reshape(len(images), *shape)
-        batch = torch.from_numpy(pixels.copy()).permute(0, 3, 1, 2)
-    else:
-        from torchvision.io import ImageReadMode, decode_image
+    pixels = decode_to_uint8(images, ImageDecoding(encoding, shape, size, channels))
+    return to_float_images(pixels, augment=augment, generator=generator)
 
-        mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-        decoded = [
-            decode_image(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=mode)
-            for b in images
+
+def decode_to_uint8(images: list[bytes], how: ImageDecoding) -> torch.Tensor:
+    """Stored images -> uint8 (N, C, size, size), resized where they are not that size."""
+    if how.encoding == "raw":
+        assert how.shape is not None
+        pixels = np.frombuffer(b"".join(images), dtype=np.uint8).reshape(len(images), *how.shape)
+        batch = torch.from_numpy(pixels.copy()).permute(0, 3, 1, 2)
+        if batch.shape[-2:] == (how.size, how.size):
+            return batch.contiguous()
+        resized = F.interpolate(batch.float(), size=(how.size, how.size), mode="bilinear")
+        return resized.round().clamp(0, 255).to(torch.uint8)
+    from torchvision.io import ImageReadMode, decode_image
+
+    mode = ImageReadMode.GRAY if how.channels == 1 else ImageReadMode.RGB
+    decoded = [
+        decode_image(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=mode) for b in images
+    ]
+    return torch.stack(
+        [
+            d
+            if d.shape[-2:] == (how.size, how.size)
+            else F.interpolate(d[None].float(), size=(how.size, how.size))[0].to(torch.uint8)
+            for d in decoded
         ]
-        batch = torch.stack(
-            [
-                torch.nn.functional.interpolate(d[None].float(), size=(size, size))[0]
-                for d in decoded
-            ]
-        ).to(torch.uint8)
-    batch = batch.float() / 255.0
-    if batch.shape[-1] != size or batch.shape[-2] != size:
-        batch = torch.nn.functional.interpolate(batch, size=(size, size), mode="bilinear")
-    if augment:
-        batch = _crop_and_flip(batch, generator)
-    return batch
+    )
+
+
+def to_float_images(
+    pixels: torch.Tensor, *, augment: bool, generator: torch.Generator
+) -> torch.Tensor:
+    """uint8 (N, C, H, W) on any device -> float in [0, 1] there, with optional crop-and-flip
+    (its random draws from `generator` on the CPU)."""
+    batch = pixels.float() / 255.0
+    return _crop_and_flip(batch, generator) if augment else batch
 
 
 def _crop_and_flip(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    n, _, h, w = batch.shape
+    """Random crops of the reflect-padded images (pad = size/8) and horizontal flips, for the
+    whole batch in one gather on the batch's device."""
+    n, c, h, w = batch.shape
     pad = max(1, h // 8)
-    padded = torch.nn.functional.pad(batch, (pad, pad, pad, pad), mode="reflect")
+    padded = F.pad(batch, (pad, pad, pad, pad), mode="reflect")
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     flip = torch.rand(n, generator=generator) < 0.5
-    out = torch.empty_like(batch)
-    for i in range(n):
-        crop = padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
-        out[i] = crop.flip(-1) if flip[i] else crop
-    return out
+    cols = torch.arange(w)
+    cols = (
+        torch.where(flip[:, None], cols.flip(0), cols)[:, None, None, :] + dx[:, None, None, None]
+    )
+    rows = torch.arange(h)[None, None, :, None] + dy[:, None, None, None]
+    device = batch.device
+    index = (
+        torch.arange(n)[:, None, None, None].to(device),
+        torch.arange(c)[None, :, None, None].to(device),
+        rows.to(device, non_blocking=True),
+        cols.to(device, non_blocking=True),
+    )
+    return padded[index]

@@ -190,6 +190,8 @@ def _scaling(edit: _Edit, sweep: bool) -> None:
     why = "one CPU worker per sweep trial" if sweep else "2 CPU workers at most"
     edit.set("scaling.num_workers", workers, why)
     edit.set("scaling.use_gpu", False, "no GPU in a smoke run")
+    if edit.get("train.compile"):
+        edit.set("train.compile", False, "torch.compile is a GPU setting")
     edit.set(
         "scaling.resources_per_worker",
         {"CPU": WORKER_CPU},

@@ -150,6 +150,16 @@ class StreamSettings(Section):
         2048, description="Rows in each worker's local shuffle buffer; 0 turns shuffling off."
     )
     augment: bool = Field(False, description="Random crop and flip for image training data.")
+    prefetch_batches: PositiveInt = Field(
+        2,
+        description="Batches each worker's stream fetches ahead of the one being trained on "
+        "(Ray Data's prefetch_batches).",
+    )
+    pin_memory: bool = Field(
+        True,
+        description="On GPU workers, stage batches in pinned host memory, so the copy to the "
+        "GPU overlaps the step (ignored on CPU).",
+    )
 
 
 # Stream settings last: pydantic orders inherited fields by reversed MRO, so the file's,

@@ -73,6 +73,25 @@ class TrainSpec(Section):
         "(sub-module name -> optimizer); null: one train.optimizer over the whole model.",
     )
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="LR schedule.")
+    compile: bool = Field(
+        False,
+        description="torch.compile the model (a GPU setting: the first steps compile for "
+        "minutes, later ones run faster).",
+    )
+    tf32: bool = Field(
+        True, description="fp32 matrix products in TF32 on GPUs that have it (Ampere and later)."
+    )
+    fused_optimizer: bool = Field(
+        True, description="AdamW's fused CUDA kernel on GPU workers (one launch per step)."
+    )
+    channels_last: bool = Field(
+        True, description="CNNs on a GPU: images and weights in channels-last memory order."
+    )
+    mlm_predict: Literal["masked", "all"] = Field(
+        "masked",
+        description="BERT MLM: the vocabulary projection and loss at the masked positions only "
+        "(about 15% of tokens; the same loss) or at every token.",
+    )
     grad_clip: PositiveFloat | None = Field(1.0, description="Clip gradient norm; null: no clip.")
     eval_every: PositiveInt | None = Field(
         None, description="Evaluate every N steps; null evaluates at the end only."
@@ -82,6 +101,11 @@ class TrainSpec(Section):
     )
     checkpoint_every: PositiveInt | None = Field(
         None, description="Checkpoint every N steps; null checkpoints at the end only."
+    )
+    checkpoint_upload: Literal["background", "inline"] = Field(
+        "background",
+        description="Store checkpoints in the background (Ray Train's asynchronous upload: "
+        "training goes on while a checkpoint is copied to storage) or before the next step.",
     )
     keep_checkpoints: PositiveInt = Field(3, description="How many recent checkpoints to keep.")
     log_every: PositiveInt = Field(10, description="Report metrics every N steps.")

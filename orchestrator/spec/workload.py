@@ -82,6 +82,14 @@ class WorkloadSpec(Section):
             problems.append(
                 (("train", "precision"), "fp16 needs a GPU (scaling.use_gpu); use bf16 or fp32")
             )
+        if t.compile and not s.use_gpu:
+            problems.append(
+                (
+                    ("train", "compile"),
+                    "torch.compile is a GPU setting (scaling.use_gpu: true): on CPU its first "
+                    "steps compile for minutes and later ones gain little; set it false",
+                )
+            )
         if t.scheduler.warmup_steps and t.max_steps and t.scheduler.warmup_steps > t.max_steps:
             problems.append(
                 (

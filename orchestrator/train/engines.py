@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
 import torch
@@ -26,11 +27,13 @@ __all__ = [
     "DDPEngine",
     "DeepSpeedEngine",
     "Engine",
+    "ModelSize",
     "accumulation_steps",
     "deepspeed_config",
     "lr_lambda",
     "make_engine",
     "make_optimizer",
+    "zero_communication",
 ]
 
 DS_TAG = "zero"  # DeepSpeed's checkpoint tag inside each orch checkpoint
@@ -42,10 +45,19 @@ def accumulation_steps(train: TrainSpec, world_size: int) -> int:
     return (train.global_batch_size or per_pass) // per_pass
 
 
-def deepspeed_config(ds: DeepSpeedSpec, train: TrainSpec, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config orch derives from the spec, with `deepspeed.extra` merged in."""
+def deepspeed_config(
+    ds: DeepSpeedSpec,
+    train: TrainSpec,
+    world_size: int,
+    model: ModelSize | None = None,
+    on_gpu: bool = False,
+) -> dict[str, Any]:
+    """The DeepSpeed config orch derives from the spec (and the model's size, when given), with
+    `deepspeed.extra` merged in."""
     accum = accumulation_steps(train, world_size)
     zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if model is not None and ds.zero_stage >= 2:
+        zero |= zero_communication(ds.zero_stage, model, on_gpu)
     if ds.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": ds.offload_optimizer}
     if ds.offload_param != "none":
@@ -68,6 +80,44 @@ def deepspeed_config(ds: DeepSpeedSpec, train: TrainSpec, world_size: int) -> di
     return _merge(config, ds.extra)
 
 
+@dataclass(frozen=True)
+class ModelSize:
+    """What ZeRO's communication settings are sized by."""
+
+    parameters: int
+    hidden_size: int | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelSize:
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        return cls(sum(p.numel() for p in model.parameters()), hidden)
+
+
+def zero_communication(stage: int, model: ModelSize, on_gpu: bool) -> dict[str, Any]:
+    """ZeRO-2/3's bucket sizes for this model, and overlap of communication with compute.
+
+    DeepSpeed's default buckets (5e8 elements) are sized for models of billions of parameters:
+    a BERT-base's gradients fit in one, so their reduction starts only when the backward pass
+    has ended. About a tenth of the model per bucket (at least 1e6 elements, at most DeepSpeed's
+    5e8) reduces as the backward pass goes. ZeRO-3's prefetch and persistence follow the hidden
+    size, as transformers' DeepSpeed integration sets them. Overlap needs CUDA streams: on CPU
+    (gloo) DeepSpeed runs it in line, so it is left off there. `deepspeed.extra` overrides any.
+    """
+    bucket = int(min(5e8, max(1e6, model.parameters // 10)))
+    out: dict[str, Any] = {
+        "overlap_comm": on_gpu,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": bucket,
+    }
+    if stage == 2:
+        out["allgather_bucket_size"] = bucket
+    else:
+        hidden = model.hidden_size or int(model.parameters**0.5)
+        out["stage3_prefetch_bucket_size"] = int(min(bucket, 0.9 * hidden * hidden))
+        out["stage3_param_persistence_threshold"] = 10 * hidden
+    return out
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
@@ -78,7 +128,11 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def make_optimizer(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(
+    spec: OptimizerSpec, model: nn.Module, *, fused: bool = False
+) -> torch.optim.Optimizer:
+    """The spec's optimizer over `model`'s parameters; `fused`: AdamW's fused kernel (the
+    parameters must be on a GPU)."""
     # No weight decay on biases and norms, as BERT and GPT-2 were trained.
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
@@ -91,7 +145,9 @@ def make_optimizer(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimiz
     ]
     if spec.name == "sgd":
         return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum)
-    return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps)
+    return torch.optim.AdamW(
+        groups, lr=spec.lr, betas=spec.betas, eps=spec.eps, fused=True if fused else None
+    )
 
 
 def lr_lambda(spec: SchedulerSpec, total_steps: int) -> Callable[[int], float]:
@@ -120,7 +176,11 @@ class DDPEngine:
         self.device = session.device
         self.module = model
         self.model = session.prepare_model(model)
-        self.optimizer = make_optimizer(train.optimizer, model)
+        if train.compile:
+            self.model = torch.compile(self.model)  # type: ignore[assignment]
+        # One fused kernel for all parameters instead of a handful of launches per tensor.
+        fused = train.fused_optimizer and self.device.type == "cuda"
+        self.optimizer = make_optimizer(train.optimizer, model, fused=fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(train.scheduler, total_steps)
         )
@@ -205,10 +265,16 @@ class DeepSpeedEngine:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(train.scheduler, total_steps)
         )
-        self.config = deepspeed_config(ds, train, world)
+        on_gpu = torch.cuda.is_available()
+        self.config = deepspeed_config(ds, train, world, ModelSize.of(model), on_gpu)
+        self.module = model
+        # ZeRO keeps the optimizer's state in a few flat partitions, so AdamW's fused kernel
+        # would save little there: DeepSpeed gets the plain one.
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config
         )
+        if train.compile:
+            self.model.compile()
         self.device = self.model.device
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             train.precision, torch.float32

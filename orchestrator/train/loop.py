@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,11 +23,13 @@ import torch.nn.functional as F
 
 from orchestrator.data.stream import (
     Batch,
+    Feed,
+    ImageDecoding,
     StartedEarly,
-    decode_images,
     epoch_batches,
     eval_batches,
     mask_tokens,
+    to_float_images,
 )
 from orchestrator.models import build_model, import_ahead, task_of
 from orchestrator.spec import TrainSpec
@@ -41,6 +44,7 @@ from orchestrator.train.custom_step import StepEngine
 from orchestrator.train.engines import Engine, accumulation_steps, make_engine, no_grad_eval
 from orchestrator.train.roc_auc import AUC_BINS, roc_auc, score_histogram
 from orchestrator.train.session import Session, TrainSession, intact_checkpoint
+from orchestrator.train.utilization import GpuMeter
 
 if TYPE_CHECKING:
     import ray.train
@@ -62,7 +66,8 @@ def total_steps(train_rows: int, train: TrainSpec, world: int) -> int:
 def train_loop(raw_config: dict[str, Any]) -> None:
     """The Ray Train worker's entry point (TorchTrainer's `train_loop_per_worker`)."""
     import_ahead(raw_config["model"]["kind"], training=True)
-    run_loop(WorkerConfig.model_validate(raw_config), TrainSession())
+    cfg = WorkerConfig.model_validate(raw_config)
+    run_loop(cfg, TrainSession(upload_in_background=cfg.train.checkpoint_upload == "background"))
 
 
 def run_loop(cfg: WorkerConfig, session: Session) -> None:
@@ -97,18 +102,18 @@ def run_loop(cfg: WorkerConfig, session: Session) -> None:
         saved.check_resumable_by(me, f"checkpoint {checkpoint.path}")
         step, start_epoch, skip = saved.step, saved.epoch, saved.batches_in_epoch
 
+    feed = _feed(cfg, session.device)
     train_shard = session.dataset("train")
     eval_shard = functools.cache(lambda: session.dataset("eval"))  # opened when first used
     # Ray Data's stream takes seconds to start (its coordinator, then read tasks in new worker
     # processes); fetching the first batch now overlaps that with building the model.
     first_epoch = StartedEarly(
-        epoch_batches(
-            train_shard, train.micro_batch_size, train.seed, start_epoch, cfg.stream.shuffle_buffer
-        )
+        epoch_batches(train_shard, feed, train.seed, start_epoch, cfg.stream.shuffle_buffer)
     )
 
     torch.manual_seed(train.seed)  # the same initial weights on every rank
     model = build_model(cfg.model, cfg.data_info)
+    tune_for_device(model, cfg, session.device)
     engine = make_engine(model, train, cfg.deepspeed, session, accum, total)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -117,6 +122,7 @@ def run_loop(cfg: WorkerConfig, session: Session) -> None:
     # Masks and crops are drawn on the CPU, the same on any device (see mask_tokens).
     mask_gen = torch.Generator().manual_seed(train.seed * 1000 + rank + step)
     window = _Window(engine.device)
+    gpu = GpuMeter.on(engine.device, cfg)
 
     for epoch in range(start_epoch, epochs):
         if step >= total:
@@ -124,9 +130,7 @@ def run_loop(cfg: WorkerConfig, session: Session) -> None:
         batches = (
             first_epoch
             if epoch == start_epoch
-            else epoch_batches(
-                train_shard, train.micro_batch_size, train.seed, epoch, cfg.stream.shuffle_buffer
-            )
+            else epoch_batches(train_shard, feed, train.seed, epoch, cfg.stream.shuffle_buffer)
         )
         consumed = 0
         wait_started = time.perf_counter()
@@ -142,7 +146,8 @@ def run_loop(cfg: WorkerConfig, session: Session) -> None:
                 window.samples += len(labels)
             else:
                 with engine.forward_context():
-                    loss = _loss(engine.model(inputs), labels, task)
+                    logits, target = _forward(engine, inputs, labels, task)
+                    loss = F.cross_entropy(logits, target, ignore_index=-100)
                 window.add_loss(loss, len(labels))
                 stepped = engine.backward(loss)
             if not stepped:
@@ -157,6 +162,8 @@ def run_loop(cfg: WorkerConfig, session: Session) -> None:
                 metrics = window.flush(step, epoch, engine.lr(), cfg, world) | {
                     "total_steps": total
                 }
+                if gpu is not None:
+                    metrics |= gpu.read(metrics["samples_per_s"], world)
                 if isinstance(engine, StepEngine):  # its metrics, evaluation and samples
                     evaluated = _eval_inputs(eval_shard(), task, cfg, engine) if evaluate else None
                     metrics = engine.report(metrics, evaluated)
@@ -247,19 +254,48 @@ def _prepare(
     elif cfg.dataset.kind == "labeled_text":  # token ids; the model masks the padding itself
         inputs, labels = batch["input_ids"].long(), batch["label"].long()
     else:
-        image = cfg.dataset.image
-        assert image is not None  # image data: the manifest says how it is stored
-        inputs = decode_images(
-            batch["image"],
-            encoding=image.encoding,
-            shape=image.shape,
-            size=getattr(cfg.model, "image_size", 28),
-            channels=cfg.data_info.channels or 1,
-            augment=cfg.stream.augment,
-            generator=gen,
-        ).to(engine.input_dtype)
+        pixels = batch["image"].to(engine.device, non_blocking=True)  # uint8: see Feed
+        inputs = to_float_images(pixels, augment=cfg.stream.augment, generator=gen)
+        inputs = inputs.to(engine.input_dtype)
+        if _channels_last(cfg, engine.device):
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
         labels = batch["label"].long()
-    return inputs.to(engine.device), labels.to(engine.device)
+    return inputs.to(engine.device, non_blocking=True), labels.to(engine.device, non_blocking=True)
+
+
+def _feed(cfg: WorkerConfig, device: torch.device) -> Feed:
+    image = cfg.dataset.image
+    decoding = None
+    if cfg.dataset.kind == "image":
+        assert image is not None  # image data: the manifest says how it is stored
+        decoding = ImageDecoding(
+            image.encoding,
+            image.shape,
+            getattr(cfg.model, "image_size", 28),
+            cfg.data_info.channels or 1,
+        )
+    return Feed(
+        cfg.train.micro_batch_size,
+        cfg.stream.prefetch_batches,
+        cfg.stream.pin_memory and device.type == "cuda",
+        decoding,
+    )
+
+
+def _channels_last(cfg: WorkerConfig, device: torch.device) -> bool:
+    """CNNs on a GPU run faster on channels-last images (cuDNN's native order for them)."""
+    return cfg.train.channels_last and device.type == "cuda" and cfg.dataset.kind == "image"
+
+
+def tune_for_device(model: torch.nn.Module, cfg: WorkerConfig, device: torch.device) -> None:
+    """The GPU settings of `train:` that apply before the engine wraps the model."""
+    if device.type != "cuda":
+        return
+    if cfg.train.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if _channels_last(cfg, device):
+        model.to(memory_format=torch.channels_last)
 
 
 def _initial(uri: str | None) -> ray.train.Checkpoint | None:
@@ -272,13 +308,22 @@ def _logits(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output
 
 
-def _loss(output: Any, labels: torch.Tensor, task: str) -> torch.Tensor:
-    logits = _logits(output).float()
+def _forward(
+    engine: Engine, inputs: torch.Tensor, labels: torch.Tensor, task: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) in fp32, one row per predicted position; targets -100 are ignored.
+
+    A BERT MLM that predicts at given positions (model_zoo.MaskedLMBert) gets the masked ones:
+    the vocabulary projection, by far the largest matrix product at BERT's sizes, then runs on
+    about 15% of the tokens. The loss is the same: the other positions carry no label.
+    """
+    if task == "masked_lm" and getattr(engine.module, "predicts_at_positions", False):
+        at = labels != -100
+        return _logits(engine.model(inputs, predict_at=at)).float(), labels[at]
+    logits = _logits(engine.model(inputs)).float()
     if task == "causal_lm":  # predict token t+1 from tokens up to t
         logits, labels = logits[:, :-1], labels[:, 1:]
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
-    )
+    return logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
 
 
 def _evaluate(shard: Any, task: str, cfg: WorkerConfig, engine: Engine) -> dict[str, float]:
@@ -289,14 +334,11 @@ def _evaluate(shard: Any, task: str, cfg: WorkerConfig, engine: Engine) -> dict[
     gen = torch.Generator().manual_seed(cfg.train.seed)  # the same masks at every evaluation
     totals = _EvalTotals(engine.device, cfg.data_info.num_classes or 1, task)
     with no_grad_eval(engine):
-        for i, batch in enumerate(eval_batches(shard, cfg.train.micro_batch_size)):
+        for i, batch in enumerate(eval_batches(shard, _feed(cfg, engine.device))):
             if cfg.train.eval_batches and i >= cfg.train.eval_batches:
                 break
             inputs, labels = _prepare(batch, task, cfg, engine, gen)
-            logits = _logits(engine.model(inputs)).float()
-            if task == "causal_lm":
-                logits, labels = logits[:, :-1], labels[:, 1:]
-            totals.add(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+            totals.add(*_forward(engine, inputs, labels, task))
     return totals.metrics()
 
 
@@ -359,7 +401,7 @@ def _eval_inputs(
     if shard is None:
         return
     gen = torch.Generator().manual_seed(cfg.train.seed)  # the same masks at every evaluation
-    for i, batch in enumerate(eval_batches(shard, cfg.train.micro_batch_size)):
+    for i, batch in enumerate(eval_batches(shard, _feed(cfg, engine.device))):
         if cfg.train.eval_batches and i >= cfg.train.eval_batches:
             return
         yield _prepare(batch, task, cfg, engine, gen)
@@ -390,7 +432,8 @@ def _report(
     if not save:
         session.report(metrics, None, step)
         return
-    with tempfile.TemporaryDirectory() as directory:
+    directory = tempfile.mkdtemp(prefix="orch-checkpoint-")  # the session removes it
+    try:
         engine.save(directory, session.rank)
         if session.rank == 0:
             here = Manifest(
@@ -404,5 +447,11 @@ def _report(
                 me.versions,
             )
             write_manifest(directory, here)
-        has_files = any(os.scandir(directory))
-        session.report(metrics, directory if has_files else None, step)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    if not any(os.scandir(directory)):  # a rank with nothing to save (DDP's other ranks)
+        shutil.rmtree(directory, ignore_errors=True)
+        session.report(metrics, None, step)
+        return
+    session.report(metrics, directory, step)

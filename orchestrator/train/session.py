@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -67,17 +68,19 @@ class Session(Protocol):
         ...
 
     def report(self, metrics: dict[str, Any], directory: str | None, step: int) -> None:
-        """Report metrics, with the checkpoint written to `directory` when there is one."""
+        """Report metrics, with the checkpoint written to `directory` when there is one. The
+        session owns `directory` from then on, and removes it once it has been stored."""
         ...
 
 
 class TrainSession:
     """A Ray Train worker's session."""
 
-    def __init__(self) -> None:
+    def __init__(self, upload_in_background: bool = False) -> None:
         import ray.train
         import ray.train.torch
 
+        self.upload_in_background = upload_in_background
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -102,9 +105,23 @@ class TrainSession:
 
     def report(self, metrics: dict[str, Any], directory: str | None, step: int) -> None:
         import ray.train
+        from ray.train import CheckpointUploadMode
 
         checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=step_dir_name(step))
+        # In the background, Ray uploads the checkpoint (to a cluster's storage or s3, seconds
+        # to minutes for a large model) while training goes on, and removes the directory
+        # after; a failed upload still fails the run. Ray waits for the last upload before the
+        # run ends.
+        mode = (
+            CheckpointUploadMode.ASYNC if self.upload_in_background else CheckpointUploadMode.SYNC
+        )
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=step_dir_name(step),
+            checkpoint_upload_mode=mode,
+            delete_local_checkpoint_after_upload=True,
+        )
 
 
 @dataclass
@@ -143,7 +160,10 @@ class TrialSession:
             with open(os.path.join(directory, REPORT), "w") as f:
                 json.dump(metrics, f)
             uri = f"{self.run_dir.rstrip('/')}/{step_dir_name(step)}"
-            persist(directory, uri)
+            try:
+                persist(directory, uri)
+            finally:
+                shutil.rmtree(directory, ignore_errors=True)
             self._prune()
         self.to_tune(metrics, uri)
 
