@@ -9,17 +9,18 @@ Three cases, each from a shipped workload with `--set`-style overrides (one work
                 JPEGs in an image folder that orch prepares.
 
 The plain loop trains the model orch builds (`orchestrator.models.build_model`) with orch's
-optimizer (`make_optimizer`), batch and precision (autocast over fp32 weights), on batches
-already in GPU memory: MLM masks drawn ahead with orch's `mask_tokens` (15%), images as
-channels-last float tensors. One plain BERT run stands for both BERT cases: ZeRO-2 on one GPU
-does the same arithmetic as DDP.
+optimizer (`make_optimizer`), batch, precision (autocast over fp32 weights) and GPU settings
+(fused AdamW, channels-last images, the MLM head at masked positions only: plain PyTorch
+features, each as the spec sets it), on batches already in GPU memory: MLM masks drawn ahead
+with orch's `mask_tokens` (15%), images as float tensors. One plain BERT run stands for both
+BERT cases: ZeRO-2 on one GPU does the same arithmetic as DDP.
 
-Per case: samples/s, MFU, peak GPU memory, data-wait share and the ratio to the plain loop,
-from orch's reports after the first ones (start-up). MFU and peak memory are orch's own
-metrics (`mfu`, `peak_memory_gb`) when its reports carry them; otherwise MFU is computed from
-FLOPs per sample (a forward pass counted by torch's FlopCounterMode, times 3 for forward and
-backward) and the GPU's dense bf16 peak, and peak memory is the device memory in use, polled,
-above what was in use before the run.
+Per case: samples/s, MFU, peak GPU memory (GiB), data-wait share and the ratio to the plain
+loop, from orch's reports after the first ones (start-up). MFU and peak memory are orch's own
+metrics (`mfu`, `peak_memory_gb`, orchestrator/train/utilization.py); the plain loop's MFU is
+orch's times the throughput ratio (the same FLOPs per sample), its peak memory torch's
+`max_memory_allocated`, as orch's is. Where orch reports no peak memory, the device memory in
+use is polled instead, above what was in use before the run.
 
 orch is given about `--seconds` of training per case: its steps are set from the plain loop's
 rate, which is measured first.
@@ -54,16 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 WORKLOADS = ROOT / "workloads"
 
-# Dense bf16 peak FLOP/s, by a name torch reports (checked longest first). H100 and H200
-# share the SXM part's 989 TFLOP/s; the PCIe H100 is clocked lower.
-PEAK_BF16 = {
-    "H100 PCIe": 756e12,
-    "H100": 989e12,
-    "H200": 989e12,
-    "A100": 312e12,
-}
-# orch's report keys for peak memory, newest naming first; the first one present is used.
-MEMORY_KEYS = ("peak_memory_gb", "peak_gpu_memory_gb", "gpu_peak_memory_gb", "max_memory_gb")
+GIB = 1024**3  # orch reports memory in GiB (as `peak_memory_gb`)
 WARMUP_REPORTS = 2  # orch's first reports hold start-up: Ray Data's first blocks, autotuning
 
 
@@ -93,7 +85,9 @@ GPU = Sizes(
     resnet_batch=128,
     images=8192,
     image_side=224,
-    seconds=30,
+    # check.sh gives the bench 240 s: three cases of ~25 s training, each with ~15 s of Ray
+    # Train start-up and a final checkpoint, two plain loops, and preparing the data.
+    seconds=25,
     plain_seconds=10,
     max_steps=20000,
     scaling=(
@@ -237,25 +231,8 @@ def device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def peak_flops() -> tuple[str, float | None]:
-    """The GPU's name and dense bf16 peak (None: not in PEAK_BF16, or no GPU)."""
-    if not torch.cuda.is_available():
-        return "cpu (rehearsal)", None
-    name = torch.cuda.get_device_name()
-    for key in sorted(PEAK_BF16, key=len, reverse=True):
-        if key in name:
-            return name, PEAK_BF16[key]
-    return name, None
-
-
-def flops_per_sample(model: torch.nn.Module, example: torch.Tensor) -> float:
-    """Training FLOPs of one sample: its forward pass, counted on the CPU, times 3."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = model.to("cpu").eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(example)
-    return 3.0 * counter.get_total_flops() / len(example)
+def gpu_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (rehearsal)"
 
 
 @contextmanager
@@ -285,7 +262,7 @@ def device_memory_peak() -> Iterator[dict[str, float]]:
     finally:
         stop.set()
         thread.join()
-        found["gb"] = (peak - baseline) / 1e9
+        found["gb"] = (peak - baseline) / GIB
 
 
 def timed_loop(step: Callable[[int], None], seconds: float, warmup: int) -> tuple[int, float]:
@@ -343,25 +320,25 @@ def plain_bert(spec: WorkloadSpec, prepared: Any, sizes: Sizes) -> dict[str, Any
         for i in range(pool_size)
     ]
     torch.manual_seed(spec.train.seed)
-    model = build_model(spec.model, DataInfo(vocab_size=tok.vocab_size))
-    flops = flops_per_sample(model, pool[0][0][:1].cpu())
-    model = model.to(dev).train()
-    optimizer = make_optimizer(spec.train.optimizer, model)
+    model = build_model(spec.model, DataInfo(vocab_size=tok.vocab_size)).to(dev).train()
+    optimizer = make_optimizer(spec.train.optimizer, model, fused=_fused(spec, dev))
+    # orch's BERT predicts at the masked positions only (train.mlm_predict): so does this loop.
+    masked = getattr(model, "predicts_at_positions", False) and spec.train.mlm_predict == "masked"
 
     def step(i: int) -> None:
         inputs, labels = pool[i % pool_size]
         with _autocast(spec, dev):
-            logits = model(inputs).logits
+            if masked:
+                at = labels != -100
+                logits, target = model(inputs, predict_at=at), labels[at]
+            else:
+                logits, target = model(inputs).logits, labels
         loss = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+            logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100
         )
-        loss.backward()
-        if spec.train.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), spec.train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _update(spec, model, optimizer, loss)
 
-    return _plain_result(step, batch, flops, sizes, warmup=10)
+    return _plain_result(step, batch, sizes, warmup=10)
 
 
 def plain_resnet(spec: WorkloadSpec, sizes: Sizes) -> dict[str, Any]:
@@ -370,61 +347,70 @@ def plain_resnet(spec: WorkloadSpec, sizes: Sizes) -> dict[str, Any]:
     from orchestrator.train.engines import make_optimizer
 
     dev = device()
-    model_spec = spec.model
-    side = getattr(model_spec, "image_size", 224)
-    classes = getattr(model_spec, "num_classes", 1000)
+    side = getattr(spec.model, "image_size", 224)
+    classes = getattr(spec.model, "num_classes", 1000)
     batch = spec.train.micro_batch_size
+    # Channels-last on a GPU, as orch does (train.channels_last): cuDNN's fast layout.
+    layout = (
+        torch.channels_last
+        if spec.train.channels_last and dev.type == "cuda"
+        else torch.contiguous_format
+    )
     gen = torch.Generator().manual_seed(0)
     pool = [
         (
             torch.rand(batch, 3, side, side, generator=gen)
             .to(dev)
-            .contiguous(memory_format=torch.channels_last),
+            .contiguous(memory_format=layout),
             torch.randint(classes, (batch,), generator=gen).to(dev),
         )
         for _ in range(4)
     ]
     torch.manual_seed(spec.train.seed)
-    model = build_model(model_spec, DataInfo(num_classes=classes, channels=3))
-    flops = flops_per_sample(model, pool[0][0][:1].cpu())
-    model = model.to(dev).train().to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(spec.train.optimizer, model)
+    model = build_model(spec.model, DataInfo(num_classes=classes, channels=3))
+    model = model.to(dev).train().to(memory_format=layout)
+    optimizer = make_optimizer(spec.train.optimizer, model, fused=_fused(spec, dev))
 
     def step(i: int) -> None:
         images, labels = pool[i % len(pool)]
         with _autocast(spec, dev):
             logits = model(images)
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-        loss.backward()
-        if spec.train.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), spec.train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _update(spec, model, optimizer, torch.nn.functional.cross_entropy(logits.float(), labels))
 
-    return _plain_result(step, batch, flops, sizes, warmup=10)
+    return _plain_result(step, batch, sizes, warmup=10)
+
+
+def _fused(spec: WorkloadSpec, dev: torch.device) -> bool:
+    """AdamW's fused kernel where orch uses it (train.fused_optimizer, on a GPU)."""
+    return spec.train.fused_optimizer and dev.type == "cuda"
+
+
+def _update(
+    spec: WorkloadSpec, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: Any
+) -> None:
+    loss.backward()
+    if spec.train.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.train.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _plain_result(
-    step: Callable[[int], None], batch: int, flops: float, sizes: Sizes, warmup: int
+    step: Callable[[int], None], batch: int, sizes: Sizes, warmup: int
 ) -> dict[str, Any]:
-    dev = device()
-    if dev.type == "cuda":
+    cuda = device().type == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     with device_memory_peak() as used:
         steps, seconds = timed_loop(step, sizes.plain_seconds, warmup)
-    rate = steps * batch / seconds
-    _, peak = peak_flops()
     out: dict[str, Any] = {
-        "samples_per_s": rate,
+        "samples_per_s": steps * batch / seconds,
         "steps": steps,
         "seconds": seconds,
-        "flops_per_sample": flops,
-        "mfu": rate * flops / peak if peak else None,
-        "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else None,
-        "peak_memory_source": "torch max allocated" if dev.type == "cuda" else None,
-        "device_memory_gb": used["gb"] if dev.type == "cuda" else None,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / GIB if cuda else None,
+        "device_memory_gb": used["gb"] if cuda else None,  # the GPU's in use, polled
     }
-    if dev.type == "cuda":
+    if cuda:
         torch.cuda.empty_cache()  # orch's worker gets the GPU to itself
     return out
 
@@ -441,11 +427,7 @@ def run_orch(spec: WorkloadSpec, name: str) -> tuple[list[dict[str, Any]], float
 
 
 def summarize(
-    reports: list[dict[str, Any]],
-    plain: dict[str, Any],
-    device_gb: float,
-    batch: int,
-    gpu: str,
+    reports: list[dict[str, Any]], plain: dict[str, Any], device_gb: float, batch: int
 ) -> dict[str, Any]:
     """One case's figures from orch's steady reports, beside the plain loop's."""
     steady = reports[WARMUP_REPORTS:] or reports[1:] or reports
@@ -453,38 +435,43 @@ def summarize(
     # overall rate, and time (1 / rate) weighs the shares.
     weights = [1.0 / e["samples_per_s"] for e in steady]
     rate = len(steady) / sum(weights)
+    ratio = rate / plain["samples_per_s"]
 
     def time_weighted(key: str) -> float | None:
         if not all(key in e for e in steady):
             return None
         return sum(e[key] * w for e, w in zip(steady, weights, strict=True)) / sum(weights)
 
-    mfu = time_weighted("mfu")
-    mfu_source = "orch's metric"
-    if mfu is None:
-        _, peak = peak_flops()
-        mfu = rate * plain["flops_per_sample"] / peak if peak else None
-        mfu_source = "computed: counted FLOPs per sample x samples/s / peak"
-    memory_key = next((k for k in MEMORY_KEYS if k in reports[-1]), None)
+    mfu = time_weighted("mfu")  # None on a CPU, or a GPU missing from orch's table of peaks
+    # The same FLOPs per sample on both sides: MFU scales with throughput.
+    plain = {**plain, "mfu": mfu / ratio if mfu is not None else None}
     memory_source: str | None
-    if memory_key is not None:
-        memory, memory_source = max(e.get(memory_key, 0.0) for e in reports), memory_key
+    if "peak_memory_gb" in reports[-1]:
+        memory = max(e.get("peak_memory_gb", 0.0) for e in reports)
+        memory_source = "orch's peak_memory_gb (torch max allocated)"
     else:
         memory = device_gb if torch.cuda.is_available() else None
         memory_source = "device memory in use, polled, above the start" if memory else None
     return {
-        "gpu": gpu,
+        "gpu": gpu_name(),
         "samples_per_s": rate,
         "mfu": mfu,
-        "mfu_source": mfu_source if mfu is not None else "no known peak (PEAK_BF16)",
         "peak_memory_gb": memory,
         "peak_memory_source": memory_source,
         "data_wait_share": time_weighted("data_wait_share"),
-        "ratio_to_plain": rate / plain["samples_per_s"],
+        "ratio_to_plain": ratio,
         "micro_batch_size": batch,
         "steps": reports[-1]["step"] if reports else None,
         "reports_used": len(steady),
         "plain": plain,
+    }
+
+
+def orch_settings(spec: WorkloadSpec) -> dict[str, Any]:
+    """The spec's GPU settings a case ran with (orch's defaults unless the workload says)."""
+    keys = ("precision", "mlm_predict", "fused_optimizer", "channels_last", "compile", "tf32")
+    return {k: getattr(spec.train, k) for k in keys} | {
+        "zero_stage": spec.deepspeed.zero_stage if spec.deepspeed else None
     }
 
 
@@ -532,10 +519,8 @@ def run(cases: list[str], sizes: Sizes, tmp: Path, out: Path, rehearse: bool) ->
     from orchestrator.data import prepare
     from orchestrator.ray_session import LOCAL_TRAIN_SETTINGS, TRAIN_SETTINGS
 
-    gpu, peak = peak_flops()
     results: dict[str, Any] = {
-        "gpu": gpu,
-        "peak_bf16_flops": peak,
+        "gpu": gpu_name(),
         "rehearsal": rehearse,
         "versions": {
             "torch": torch.__version__,
@@ -575,8 +560,9 @@ def run(cases: list[str], sizes: Sizes, tmp: Path, out: Path, rehearse: bool) ->
                 if case in cases:
                     case_spec = bert_spec(tmp, corpus, sizes, *sets, *step_sets(steps))
                     reports, seconds, device_gb = run_orch(case_spec, case.replace("_", "-"))
-                    results[case] = summarize(reports, plain, device_gb, sizes.bert_batch, gpu)
+                    results[case] = summarize(reports, plain, device_gb, sizes.bert_batch)
                     results[case]["orch_seconds"] = seconds
+                    results[case]["orch_settings"] = orch_settings(case_spec)
                     print(f"{case}: {_line(results[case])}", flush=True)
                     save()
         if "resnet50" in cases:
@@ -591,8 +577,9 @@ def run(cases: list[str], sizes: Sizes, tmp: Path, out: Path, rehearse: bool) ->
             steps = steps_for(plain, sizes.resnet_batch, sizes)
             case_spec = resnet_spec(tmp, folder, sizes, *step_sets(steps))
             reports, seconds, device_gb = run_orch(case_spec, "resnet50")
-            results["resnet50"] = summarize(reports, plain, device_gb, sizes.resnet_batch, gpu)
+            results["resnet50"] = summarize(reports, plain, device_gb, sizes.resnet_batch)
             results["resnet50"]["orch_seconds"] = seconds
+            results["resnet50"]["orch_settings"] = orch_settings(case_spec)
             print(f"resnet50: {_line(results['resnet50'])}", flush=True)
             save()
     finally:
