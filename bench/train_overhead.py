@@ -137,7 +137,8 @@ def _baseline_worker(
     dist.init_process_group("gloo", rank=rank, world_size=WORKERS)
     manifest = json.loads(Path(path, "manifest.json").read_text())
     tok = manifest["tokenizer"]
-    files = [f"{path}/{s}" for s in manifest["splits"]["train"]["shards"]]
+    shards = f"{path}/{manifest['dir']}" if manifest.get("dir") else path  # the attempt's
+    files = [f"{shards}/{s}" for s in manifest["splits"]["train"]["shards"]]
     column = pq.read_table(files, columns=["input_ids"])["input_ids"]
     ids = torch.from_numpy(np.stack(column.to_numpy(zero_copy_only=False))).long()[rank::WORKERS]
     torch.manual_seed(42)

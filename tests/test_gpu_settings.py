@@ -64,6 +64,21 @@ def test_mlm_loss_at_masked_positions_equals_the_loss_over_every_token() -> None
     torch.testing.assert_close(grad_sparse, grad_full)
 
 
+@pytest.mark.parametrize(("predict", "rows"), [("masked", 3), ("all", 4 * 16)])
+def test_the_loop_predicts_where_train_mlm_predict_says(predict: str, rows: int) -> None:
+    from orchestrator.train.loop import _forward
+
+    model = _tiny_bert()
+    engine = SimpleNamespace(module=model, model=model)
+    cfg = SimpleNamespace(train=SimpleNamespace(mlm_predict=predict))
+    ids = torch.randint(5, 120, (4, 16))
+    labels = torch.full_like(ids, -100)
+    labels[0, :3] = ids[0, :3]
+    logits, target = _forward(engine, ids, labels, "masked_lm", cfg)  # type: ignore[arg-type]
+    assert logits.shape == (rows, 120) and target.shape == (rows,)
+    assert (target != -100).sum() == 3
+
+
 def test_collate_gives_token_batches_without_a_copy_per_row() -> None:
     rows = np.arange(24, dtype=np.int32).reshape(3, 8)
     table = pa.table(

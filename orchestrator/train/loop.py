@@ -146,7 +146,7 @@ def run_loop(cfg: WorkerConfig, session: Session) -> None:
                 window.samples += len(labels)
             else:
                 with engine.forward_context():
-                    logits, target = _forward(engine, inputs, labels, task)
+                    logits, target = _forward(engine, inputs, labels, task, cfg)
                     loss = F.cross_entropy(logits, target, ignore_index=-100)
                 window.add_loss(loss, len(labels))
                 stepped = engine.backward(loss)
@@ -309,7 +309,7 @@ def _logits(output: Any) -> torch.Tensor:
 
 
 def _forward(
-    engine: Engine, inputs: torch.Tensor, labels: torch.Tensor, task: str
+    engine: Engine, inputs: torch.Tensor, labels: torch.Tensor, task: str, cfg: WorkerConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, targets) in fp32, one row per predicted position; targets -100 are ignored.
 
@@ -317,7 +317,11 @@ def _forward(
     the vocabulary projection, by far the largest matrix product at BERT's sizes, then runs on
     about 15% of the tokens. The loss is the same: the other positions carry no label.
     """
-    if task == "masked_lm" and getattr(engine.module, "predicts_at_positions", False):
+    if (
+        task == "masked_lm"
+        and cfg.train.mlm_predict == "masked"
+        and getattr(engine.module, "predicts_at_positions", False)
+    ):
         at = labels != -100
         return _logits(engine.model(inputs, predict_at=at)).float(), labels[at]
     logits = _logits(engine.model(inputs)).float()
@@ -338,7 +342,7 @@ def _evaluate(shard: Any, task: str, cfg: WorkerConfig, engine: Engine) -> dict[
             if cfg.train.eval_batches and i >= cfg.train.eval_batches:
                 break
             inputs, labels = _prepare(batch, task, cfg, engine, gen)
-            totals.add(*_forward(engine, inputs, labels, task))
+            totals.add(*_forward(engine, inputs, labels, task, cfg))
     return totals.metrics()
 
 
