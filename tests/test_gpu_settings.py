@@ -148,6 +148,8 @@ def test_zero_buckets_follow_the_model_size_and_extra_overrides_them() -> None:
     config = deepspeed_config(ds, TrainSpec(), 2, bert_base, on_gpu=True)
     assert config["zero_optimization"]["reduce_bucket_size"] == 123
     assert config["zero_optimization"]["overlap_comm"] is True
+    on_cpu = deepspeed_config(DeepSpeedSpec(zero_stage=2), TrainSpec(), 2, bert_base)
+    assert "reduce_bucket_size" not in on_cpu["zero_optimization"]  # DeepSpeed's own on CPU
     assert (
         "overlap_comm"
         not in deepspeed_config(DeepSpeedSpec(zero_stage=1), TrainSpec(), 2)["zero_optimization"]

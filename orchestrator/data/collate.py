@@ -18,7 +18,9 @@ __all__ = ["Collate"]
 
 class Collate(ArrowBatchCollateFn):
     """Arrow batch -> torch tensors: fixed-size token lists as one (batch, seq_len) tensor
-    without a copy per row, images decoded to uint8 (a quarter of float32's bytes to copy)."""
+    (one copy of the batch, not one per row), images decoded to uint8 (a quarter of float32's
+    bytes to copy). The copy is needed: Arrow's buffers of a block may live in Ray's object
+    store, read-only and released once the block is consumed, while a tensor outlives it."""
 
     def __init__(self, images: ImageDecoding | None):
         super().__init__()
@@ -35,7 +37,7 @@ class Collate(ArrowBatchCollateFn):
             elif pa.types.is_fixed_size_list(column.type):
                 width = column.type.list_size
                 flat = column.flatten().to_numpy(zero_copy_only=False)
-                out[name] = torch.from_numpy(flat.reshape(len(column), width))
+                out[name] = torch.from_numpy(flat.reshape(len(column), width).copy())
             else:
-                out[name] = torch.from_numpy(column.to_numpy(zero_copy_only=False))
+                out[name] = torch.from_numpy(column.to_numpy(zero_copy_only=False).copy())
         return out

@@ -102,10 +102,11 @@ class TrainSpec(Section):
     checkpoint_every: PositiveInt | None = Field(
         None, description="Checkpoint every N steps; null checkpoints at the end only."
     )
-    checkpoint_upload: Literal["background", "inline"] = Field(
-        "background",
+    checkpoint_upload: Literal["auto", "background", "inline"] = Field(
+        "auto",
         description="Store checkpoints in the background (Ray Train's asynchronous upload: "
-        "training goes on while a checkpoint is copied to storage) or before the next step.",
+        "training goes on while a checkpoint is copied to storage) or before the next step; "
+        "auto: in the background on GPU workers, inline on CPU.",
     )
     keep_checkpoints: PositiveInt = Field(3, description="How many recent checkpoints to keep.")
     log_every: PositiveInt = Field(10, description="Report metrics every N steps.")

@@ -56,7 +56,7 @@ def deepspeed_config(
     `deepspeed.extra` merged in."""
     accum = accumulation_steps(train, world_size)
     zero: dict[str, Any] = {"stage": ds.zero_stage}
-    if model is not None and ds.zero_stage >= 2:
+    if model is not None and ds.zero_stage >= 2 and on_gpu:  # on CPU: DeepSpeed's defaults
         zero |= zero_communication(ds.zero_stage, model, on_gpu)
     if ds.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": ds.offload_optimizer}

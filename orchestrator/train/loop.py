@@ -67,7 +67,7 @@ def train_loop(raw_config: dict[str, Any]) -> None:
     """The Ray Train worker's entry point (TorchTrainer's `train_loop_per_worker`)."""
     import_ahead(raw_config["model"]["kind"], training=True)
     cfg = WorkerConfig.model_validate(raw_config)
-    run_loop(cfg, TrainSession(upload_in_background=cfg.train.checkpoint_upload == "background"))
+    run_loop(cfg, TrainSession(cfg.train.checkpoint_upload))
 
 
 def run_loop(cfg: WorkerConfig, session: Session) -> None:

@@ -76,14 +76,18 @@ class Session(Protocol):
 class TrainSession:
     """A Ray Train worker's session."""
 
-    def __init__(self, upload_in_background: bool = False) -> None:
+    def __init__(self, checkpoint_upload: str = "inline") -> None:
         import ray.train
         import ray.train.torch
 
-        self.upload_in_background = upload_in_background
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
+        # auto: in the background where an upload would hold GPUs idle; on CPU (a laptop, a
+        # test) checkpoints go to local disk and a run's order of events stays simple.
+        self.upload_in_background = checkpoint_upload == "background" or (
+            checkpoint_upload == "auto" and self.device.type == "cuda"
+        )
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         import ray.train.torch
