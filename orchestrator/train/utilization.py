@@ -22,7 +22,7 @@ import torch
 if TYPE_CHECKING:
     from orchestrator.train.config import WorkerConfig
 
-__all__ = ["PEAK_FLOPS", "GpuMeter", "flops_per_sample", "peak_flops"]
+__all__ = ["PEAK_FLOPS", "GpuMeter", "flops_per_sample", "mfu", "peak_flops"]
 
 log = logging.getLogger(__name__)
 
@@ -117,5 +117,11 @@ class GpuMeter:
         out = {"peak_memory_gb": torch.cuda.max_memory_allocated(self.device) / 1024**3}
         torch.cuda.reset_peak_memory_stats(self.device)
         if self.flops is not None and self.peak is not None:
-            out["mfu"] = self.flops * samples_per_s / world / self.peak
+            out["mfu"] = mfu(self.flops, samples_per_s, world, self.peak)
         return out
+
+
+def mfu(flops_per_sample: float, samples_per_s: float, world: int, peak: float) -> float:
+    """The share of each GPU's peak that the model's training FLOPs use (samples/s: all
+    workers together)."""
+    return flops_per_sample * samples_per_s / world / peak
