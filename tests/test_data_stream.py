@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from orchestrator.data import DataError, check_shards, epoch_batches, open_splits, prepare
-from orchestrator.data.stream import ingest_config, mask_tokens, unreadable_shard
+from orchestrator.data.stream import Feed, ingest_config, mask_tokens, unreadable_shard
 from orchestrator.errors import RunError
 from orchestrator.spec import DataSpec
 from orchestrator.train.trainer import named_read_failure
@@ -38,14 +38,21 @@ def _collect(prepared, out: Path, num_workers: int, epochs: int, seed: int = 7) 
     from ray.train.torch import TorchTrainer
 
     def loop(config: dict) -> None:
-        ctx = ray.train.get_context()
+        from orchestrator.data.epochs import EpochStreams
+
+        rank = ray.train.get_context().get_world_rank()
         shard = ray.train.get_dataset_shard("train")
-        for epoch in range(config["epochs"]):
-            ids = [
-                batch["sample_id"].numpy()
-                for batch in epoch_batches(shard, 16, config["seed"], epoch, shuffle_buffer=64)
-            ]
-            np.save(f"{config['out']}/ids-{ctx.get_world_rank()}-{epoch}.npy", np.concatenate(ids))
+        epochs = config["epochs"]
+        streams = EpochStreams(shard, Feed(16), config["seed"], 64, 0, epochs)
+        for epoch in range(epochs):
+            ids, ahead = [], False
+            for batch in streams.epoch(epoch):
+                ids.append(batch["sample_id"].numpy())
+                ahead = streams.started(epoch + 1)
+            np.save(f"{config['out']}/ids-{rank}-{epoch}.npy", np.concatenate(ids))
+            # At the epoch's last batch, the next epoch's stream had already started: its
+            # last block had been fetched while the shuffle buffer still held rows.
+            np.save(f"{config['out']}/ahead-{rank}-{epoch}.npy", np.array(ahead))
 
     trainer = TorchTrainer(
         loop,
@@ -75,6 +82,9 @@ def test_each_sample_once_per_epoch_across_two_workers(prepared, tmp_path: Path)
         assert set(seen.tolist()) <= all_ids
         assert len(all_ids) - len(seen) < 2 * 16
         assert len(per_worker[0]) == len(per_worker[1])  # lockstep for DDP
+    # The second epoch's stream started before the first's last batch; none after the last.
+    assert [bool(np.load(tmp_path / f"ahead-{r}-0.npy")) for r in range(2)] == [True, True]
+    assert [bool(np.load(tmp_path / f"ahead-{r}-1.npy")) for r in range(2)] == [False, False]
     first, second = (
         np.concatenate([np.load(tmp_path / f"ids-{r}-{e}.npy") for r in range(2)]) for e in range(2)
     )

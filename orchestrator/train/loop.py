@@ -25,8 +25,6 @@ from orchestrator.data.stream import (
     Batch,
     Feed,
     ImageDecoding,
-    StartedEarly,
-    epoch_batches,
     eval_batches,
     mask_tokens,
     to_float_images,
@@ -106,9 +104,12 @@ def run_loop(cfg: WorkerConfig, session: Session) -> None:
     train_shard = session.dataset("train")
     eval_shard = functools.cache(lambda: session.dataset("eval"))  # opened when first used
     # Ray Data's stream takes seconds to start (its coordinator, then read tasks in new worker
-    # processes); fetching the first batch now overlaps that with building the model.
-    first_epoch = StartedEarly(
-        epoch_batches(train_shard, feed, train.seed, start_epoch, cfg.stream.shuffle_buffer)
+    # processes): the first epoch's starts now, overlapping building the model, and each next
+    # epoch's before the one before it ends.
+    from orchestrator.data.epochs import EpochStreams  # imports Ray Data: on the worker only
+
+    streams = EpochStreams(
+        train_shard, feed, train.seed, cfg.stream.shuffle_buffer, start_epoch, epochs
     )
 
     torch.manual_seed(train.seed)  # the same initial weights on every rank
@@ -127,14 +128,9 @@ def run_loop(cfg: WorkerConfig, session: Session) -> None:
     for epoch in range(start_epoch, epochs):
         if step >= total:
             break
-        batches = (
-            first_epoch
-            if epoch == start_epoch
-            else epoch_batches(train_shard, feed, train.seed, epoch, cfg.stream.shuffle_buffer)
-        )
         consumed = 0
         wait_started = time.perf_counter()
-        for batch in batches:
+        for batch in streams.epoch(epoch):
             consumed += 1
             if epoch == start_epoch and consumed <= skip:  # resume at the saved data position
                 wait_started = time.perf_counter()
