@@ -5,8 +5,10 @@ Measured side by side in one run (this machine is noisy: compare the ratios):
 1. Throughput: `orch run` of a tiny BERT masked-LM (2 CPU workers, plain DDP, fp32, the MLM head
    on every token: `train.mlm_predict=all`, as the plain loop computes it) against a
    plain `torch.distributed` (gloo) DDP loop in 2 processes with the same model, batch, precision,
-   optimizer and masking, on the same token sequences held in memory. Steady state only: the
-   first report window (start-up, compilation of kernels) is left out on both sides.
+   optimizer and masking, on the same token sequences held in memory; and that same plain loop
+   in a bare Ray TorchTrainer (Ray's own cost, without orch). Steady state only: the first
+   report window (start-up, compilation of kernels) is left out on all sides. The three are
+   interleaved `--throughput-repeats` times (medians, and orch/plain per repeat).
    Then orch's default, the MLM head on the masked tokens only (`train.mlm_predict=masked`).
    Windows of reports that cross an epoch boundary (each epoch is a new Ray Data execution of
    the split) against the median window: the epoch-boundary dip (run enough steps for 2+ epochs).
@@ -119,22 +121,16 @@ def prepare_only(spec: WorkloadSpec) -> None:
         ray.shutdown()
 
 
-def _baseline_worker(
-    rank: int, path: str, steps: int, port: int, out: str, spec: WorkloadSpec
-) -> None:
-    """One rank of the plain-PyTorch baseline: DDP over gloo, data in memory, `spec`'s model,
-    optimizer, schedule and masking."""
+def _plain_steps(rank: int, path: str, steps: int, spec: WorkloadSpec) -> list[float]:
+    """The plain-PyTorch loop: DDP over the process group already set up, data in memory,
+    `spec`'s model, optimizer, schedule and masking; each step's seconds."""
     import numpy as np
     import pyarrow.parquet as pq
-    import torch.distributed as dist
 
     from orchestrator.data.stream import mask_tokens
     from orchestrator.models import DataInfo, build_model
     from orchestrator.train.engines import lr_lambda, make_optimizer
 
-    torch.set_num_threads(1)  # what Ray gives a worker with half a CPU (OMP_NUM_THREADS=1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORKERS)
     manifest = json.loads(Path(path, "manifest.json").read_text())
     tok = manifest["tokenizer"]
     shards = f"{path}/{manifest['dir']}" if manifest.get("dir") else path  # the attempt's
@@ -171,10 +167,28 @@ def _baseline_worker(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
+    return times
+
+
+def _steady(times: list[float]) -> dict:
+    steady = times[10:]  # the first steps hold start-up (allocations, kernel choices)
+    step_time = sum(steady) / len(steady)
+    return {"step_time_s": step_time, "samples_per_s": MICRO * WORKERS / step_time}
+
+
+def _baseline_worker(
+    rank: int, path: str, steps: int, port: int, out: str, spec: WorkloadSpec
+) -> None:
+    """One rank of the plain-PyTorch baseline, in a process of its own (no Ray): gloo DDP."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # what Ray gives a worker with half a CPU (OMP_NUM_THREADS=1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORKERS)
+    times = _plain_steps(rank, path, steps, spec)
     dist.destroy_process_group()
     if rank == 0:
-        steady = times[10:]
-        Path(out).write_text(json.dumps({"step_time_s": sum(steady) / len(steady)}))
+        Path(out).write_text(json.dumps(times))
 
 
 def run_baseline(prepared_root: str, spec: WorkloadSpec, steps: int, tmp: Path) -> dict:
@@ -182,8 +196,40 @@ def run_baseline(prepared_root: str, spec: WorkloadSpec, steps: int, tmp: Path) 
     torch.multiprocessing.spawn(
         _baseline_worker, args=(prepared_root, steps, 29571, str(out), spec), nprocs=WORKERS
     )
-    step_time = json.loads(out.read_text())["step_time_s"]
-    return {"step_time_s": step_time, "samples_per_s": MICRO * WORKERS / step_time}
+    return _steady(json.loads(out.read_text()))
+
+
+def _ray_floor_loop(config: dict) -> None:
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    times = _plain_steps(rank, config["path"], config["steps"], config["spec"])
+    if rank == 0:
+        Path(config["out"]).write_text(json.dumps(times))
+
+
+def run_ray_floor(prepared_root: str, spec: WorkloadSpec, steps: int, tmp: Path) -> dict:
+    """The same plain loop in a bare Ray TorchTrainer (2 workers of half a CPU, as orch's):
+    Ray's own cost, without orch, Ray Data or reports."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    out = tmp / "ray_floor.json"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        TorchTrainer(
+            _ray_floor_loop,
+            train_loop_config={"path": prepared_root, "steps": steps, "spec": spec}
+            | {"out": str(out)},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=WORKERS, resources_per_worker={"CPU": 0.5}
+            ),
+            run_config=ray.train.RunConfig(storage_path=str(tmp / "floor-runs"), name="loop"),
+        ).fit()
+    finally:
+        ray.shutdown()
+    return _steady(json.loads(out.read_text()))
 
 
 # Ray's own values of the Ray Train settings orch changes (orchestrator/ray_session.py):
@@ -296,25 +342,40 @@ def main() -> None:
     parser.add_argument("--skip-startup", action="store_true", help="throughput only")
     parser.add_argument("--startup-only", action="store_true", help="start-up only")
     parser.add_argument("--repeats", type=int, default=2, help="start-up measurements of each")
+    parser.add_argument(
+        "--throughput-repeats", type=int, default=3, help="throughput runs of each (medians)"
+    )
     args = parser.parse_args()
     globals()["SHUFFLE_BUFFER"] = args.shuffle_buffer
     tmp = Path(tempfile.mkdtemp(prefix="orch-bench-"))
     try:
         spec = workload(tmp, args.steps)
         nan = float("nan")
-        orch = {"samples_per_s": nan, "data_wait_share": nan, "epoch_boundary_ratio": nan}
-        masked = {"samples_per_s": nan}
-        baseline = {"samples_per_s": nan}
+        orch: dict = {"samples_per_s": nan, "data_wait_share": nan, "epoch_boundary_ratio": nan}
+        masked: dict = {"samples_per_s": nan}
+        baseline: dict = {"samples_per_s": nan}
+        ray_loop: dict = {"samples_per_s": nan}
+        ratios: list[float] = []
         if args.startup_only:
             prepare_only(spec)  # the data, cached for the runs below
         else:
-            # Like for like with the baseline: the MLM head on every token, as the plain loop
-            # computes it; then orch's default, the head on the masked tokens only.
-            orch = run_orch(workload(tmp, args.steps, "train.mlm_predict=all"), "throughput")
-            masked = run_orch(spec, "throughput-masked")
+            masked = run_orch(spec, "throughput-masked")  # orch's default; prepares the data
         prepared = next((tmp / "cache").iterdir())
         if not args.startup_only:
-            baseline = run_baseline(str(prepared), spec, args.steps, tmp)
+            # Like for like with the plain loop: the MLM head on every token, as the plain
+            # loop computes it. Interleaved repeats, the median of each: the machine's speed
+            # drifts by 10% within a run.
+            like = workload(tmp, args.steps, "train.mlm_predict=all")
+            orchs, rays, plains = [], [], []
+            for i in range(args.throughput_repeats):
+                orchs.append(run_orch(like, f"throughput-{i}"))
+                rays.append(run_ray_floor(str(prepared), spec, args.steps, tmp))
+                plains.append(run_baseline(str(prepared), spec, args.steps, tmp))
+                ratios.append(orchs[-1]["samples_per_s"] / plains[-1]["samples_per_s"])
+            orch = {k: statistics.median(o[k] for o in orchs) for k in orch}
+            orch["epochs"] = orchs[0]["epochs"]
+            ray_loop = {"samples_per_s": statistics.median(r["samples_per_s"] for r in rays)}
+            baseline = {"samples_per_s": statistics.median(p["samples_per_s"] for p in plains)}
         warm = cold = floor = data_floor = data_floor_v1 = defaults = nan
         if not args.skip_startup:
             # Interleaved, the median of each: the machine's speed drifts within a run.
@@ -348,6 +409,14 @@ def main() -> None:
         "throughput_ratio_orch_to_baseline": round(
             orch["samples_per_s"] / baseline["samples_per_s"], 3
         ),
+        "throughput_ratio_orch_to_baseline_per_repeat": [round(r, 3) for r in ratios],
+        "ray_train_loop_samples_per_s": round(ray_loop["samples_per_s"], 1),
+        "throughput_ratio_ray_train_loop_to_baseline": round(
+            ray_loop["samples_per_s"] / baseline["samples_per_s"], 3
+        ),
+        "throughput_ratio_orch_to_ray_train_loop": round(
+            orch["samples_per_s"] / ray_loop["samples_per_s"], 3
+        ),
         "orch_data_wait_share": round(orch["data_wait_share"], 4),
         "orch_epoch_boundary_window_to_steady": round(orch["epoch_boundary_ratio"], 3),
         "orch_epochs": orch.get("epochs"),
@@ -364,6 +433,7 @@ def main() -> None:
         "first_step_ratio_to_ray_data_floor": round(warm / data_floor, 2),
         "ray_train_with_data_floor_v1_datasource_s": round(data_floor_v1, 1),
         "first_step_ratio_to_ray_data_floor_v1_datasource": round(warm / data_floor_v1, 2),
+        "throughput_repeats": args.throughput_repeats,
         "startup_repeats": args.repeats,
     }
     # Only what this run measured; start-up alone goes to a file of its own.

@@ -231,3 +231,28 @@ def test_crafted_export_cannot_run_code(tmp_path: Path) -> None:
     (export / "model.json").write_text('{"model": {"kind": "bert_mlm"')
     with pytest.raises(ModelError, match="not an orch model export"):
         load_exported(export)
+
+
+def test_progress_printer_shows_every_report_once_in_order() -> None:
+    """The driver's progress thread waits in the queue for reports; reports sent before the
+    run ends, even ones still queued when it ends, are each shown once, in order."""
+    import queue
+    import threading
+
+    from orchestrator.train.progress import ProgressPrinter
+
+    channel: queue.Queue[dict[str, int] | None] = queue.Queue()
+    shown: list[dict[str, int]] = []
+    first_shown = threading.Event()
+
+    def show(event: dict[str, int]) -> None:
+        shown.append(event)
+        first_shown.set()
+
+    with ProgressPrinter(channel, show) as printer:
+        channel.put({"step": 1})
+        assert first_shown.wait(10), "a report waiting in the queue was not shown"
+        for step in (2, 3, 4):
+            channel.put({"step": step})
+    assert [e["step"] for e in shown] == [1, 2, 3, 4]
+    assert printer.events == shown

@@ -168,8 +168,12 @@ def run_loop(cfg: WorkerConfig, session: Session) -> None:
                 position = (
                     (epoch, consumed) if consumed < _batches_hint(cfg, world) else (epoch + 1, 0)
                 )
+                if not (evaluate or save):
+                    # A report's own time is training time: it falls in the next window.
+                    window.restart()
                 _report(session, metrics, engine, me, (step, *position), save)
-                window.restart()
+                if evaluate or save:
+                    window.restart()
             if done:
                 break
             wait_started = time.perf_counter()
