@@ -163,6 +163,10 @@ def asha(
 
     Two evaluations per trial (steps 3 and 6): ASHA can stop a trial after its first. While the
     sweep starts, a data shard is missing (a storage hiccup); it is back when Tune retries.
+    One trial at a time: ASHA stops a trial that reaches a rung worse than the trials before it,
+    so which trials it stops depends on the order they arrive. Run together, that order is the
+    machine's timing (a CI run once saw them arrive worst first, and ASHA rightly stopped none);
+    one at a time it is the seeded searcher's, and the sweep stops the same trials every run.
     """
     root = tmp_path_factory.mktemp("asha")
     spec = tiny_sweep(
@@ -173,6 +177,7 @@ def asha(
         "tune.search=optuna",
         "tune.scheduler={kind: asha, grace_period: 1, reduction_factor: 2}",
         "tune.max_retries=1",
+        "tune.max_concurrent_trials=1",
         "train.max_steps=6",
         "train.eval_every=3",
         "tracking.mlflow.enabled=true",
