@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from orchestrator.data import DataError, check_shards, epoch_batches, open_splits, prepare
-from orchestrator.data.stream import Feed, ingest_config, mask_tokens, unreadable_shard
+from orchestrator.data.stream import (
+    Feed,
+    ingest_config,
+    ingest_options,
+    mask_tokens,
+    unreadable_shard,
+)
 from orchestrator.errors import RunError
 from orchestrator.spec import DataSpec
 from orchestrator.train.trainer import named_read_failure
@@ -32,8 +38,11 @@ def prepared(shared_data: Path, data_cache: Path):
     return prepare(spec)
 
 
-def _collect(prepared, out: Path, num_workers: int, epochs: int, seed: int = 7) -> None:
-    """Run a real TorchTrainer whose workers record the sample ids they see per epoch."""
+def _collect(
+    prepared, out: Path, num_workers: int, epochs: int, seed: int = 7, first: int = 0
+) -> None:
+    """Run a real TorchTrainer whose workers record the sample ids they see per epoch, from
+    epoch `first` (a run resumed in that epoch) to `epochs - 1`."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -42,9 +51,9 @@ def _collect(prepared, out: Path, num_workers: int, epochs: int, seed: int = 7) 
 
         rank = ray.train.get_context().get_world_rank()
         shard = ray.train.get_dataset_shard("train")
-        epochs = config["epochs"]
-        streams = EpochStreams(shard, Feed(16), config["seed"], 64, 0, epochs)
-        for epoch in range(epochs):
+        epochs, first = config["epochs"], config["first"]
+        streams = EpochStreams(shard, Feed(16), config["seed"], 64, first, epochs)
+        for epoch in range(first, epochs):
             ids, ahead = [], False
             for batch in streams.epoch(epoch):
                 ids.append(batch["sample_id"].numpy())
@@ -56,7 +65,7 @@ def _collect(prepared, out: Path, num_workers: int, epochs: int, seed: int = 7) 
 
     trainer = TorchTrainer(
         loop,
-        train_loop_config={"epochs": epochs, "seed": seed, "out": str(out)},
+        train_loop_config={"epochs": epochs, "seed": seed, "out": str(out), "first": first},
         # Half a CPU per worker leaves Ray Data a core on a 2-CPU machine: no stall.
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, resources_per_worker={"CPU": 0.5}
@@ -104,6 +113,44 @@ def test_same_seed_same_order(prepared, tmp_path: Path) -> None:
     out.mkdir()
     _collect(prepared, out, num_workers=1, epochs=1, seed=12)
     assert not np.array_equal(orders[0], np.load(out / "ids-0-0.npy"))
+
+
+@pytest.mark.timeout(300)
+def test_a_run_resumed_in_an_epoch_streams_it_in_that_epochs_order(
+    prepared, tmp_path: Path
+) -> None:
+    """A resumed run skips the batches its checkpoint had trained on, so the epoch it resumes
+    in must come in the order the first run streamed it: each epoch's file order is seeded
+    with its number, not with how many times this run's split has been read."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    whole.mkdir(), resumed.mkdir()
+    _collect(prepared, whole, num_workers=1, epochs=2, seed=11)
+    _collect(prepared, resumed, num_workers=1, epochs=2, seed=11, first=1)
+    assert np.array_equal(np.load(whole / "ids-0-1.npy"), np.load(resumed / "ids-0-1.npy"))
+    assert not np.array_equal(np.load(whole / "ids-0-0.npy"), np.load(whole / "ids-0-1.npy"))
+
+
+def test_epochs_of_a_dataset_read_in_one_process_are_reshuffled_and_resume(prepared) -> None:
+    """A one-worker sweep trial reads the dataset itself (no streaming split): each epoch's
+    file order is its own, and an epoch started first is the same as when it comes second."""
+    from orchestrator.data.epochs import EpochStreams
+
+    def orders(first: int) -> list[np.ndarray]:
+        dataset = open_splits(prepared, seed=5)["train"]
+        dataset.context.execution_options = ingest_options()  # as a trial sets it
+        split = dataset.iterator()
+        # No local shuffle buffer: the order is the files' order, and the rows' within them.
+        streams = EpochStreams(split, Feed(50), 5, 0, first, 2)
+        return [
+            np.concatenate([b["sample_id"].numpy() for b in streams.epoch(e)])
+            for e in range(first, 2)
+        ]
+
+    zero, one = orders(0)
+    assert not np.array_equal(zero, one), "the second epoch read the files in the same order"
+    assert sorted(zero.tolist()) == sorted(one.tolist())
+    (resumed,) = orders(1)
+    assert np.array_equal(resumed, one)
 
 
 def _copy(prepared, tmp_path: Path):

@@ -14,6 +14,12 @@ stream starts then, in a thread, and its first batch is ready when the last one 
 Each epoch reads through its own copy of the split: a split iterator remembers the epoch it
 is consuming, and reports that epoch finished when its consumer stops (which, for the old
 epoch, is after the new one has begun).
+
+Ray Data seeds each execution's file order with the execution's number, counted by whoever
+executes the dataset (a streaming split's coordinator, else the dataset's reader) from the
+count the dataset was created with. A run resumed in epoch 5 starts a new count at 0: it read
+epoch 5 in epoch 0's file order, and skipping the batches its checkpoint had trained on skipped
+other samples than those. So the count is set to the epoch's number before the epoch starts.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import ray
 from ray.data import DataIterator
 
 from orchestrator.data.stream import Batch, Feed, StartedEarly, epoch_batches
@@ -42,7 +49,7 @@ class EpochStreams:
         self, split: Any, feed: Feed, seed: int, shuffle_buffer: int, first: int, end: int
     ) -> None:
         self._split, self._feed, self._seed, self._buffer = split, feed, seed, shuffle_buffer
-        self._end = end
+        self._first, self._end = first, end
         self._next: tuple[int, _Fetched, Iterator[Batch]] | None = None
         if first < end:
             self._next = self._start(first)
@@ -63,9 +70,37 @@ class EpochStreams:
         return self._next is not None and self._next[0] == epoch
 
     def _start(self, epoch: int) -> tuple[int, _Fetched, Iterator[Batch]]:
-        split = _Fetched(pickle.loads(pickle.dumps(self._split)))  # see the module's doc
+        copy = pickle.loads(pickle.dumps(self._split))  # see the module's doc
+        _number_execution(copy, epoch, epoch == self._first)
+        split = _Fetched(copy)
         batches = epoch_batches(split, self._feed, self._seed, epoch, self._buffer)
         return epoch, split, StartedEarly(batches)
+
+
+def _number_execution(split: DataIterator, epoch: int, first: bool) -> None:
+    """Make `split`'s next execution Ray Data's execution number `epoch` (see the module's doc).
+
+    A streaming split's coordinator, shared by every worker, counts its executions: each
+    worker sets the count once, before it asks for its first epoch (so before the coordinator
+    starts it), and the coordinator's own count then follows the epochs. Read in this process,
+    each epoch reads a copy of the dataset, whose count is set here.
+    """
+    from ray.data._internal.iterator.iterator_impl import DataIteratorImpl
+    from ray.data._internal.iterator.stream_split_iterator import StreamSplitDataIterator
+
+    if isinstance(split, StreamSplitDataIterator):
+        if first:
+            ray.get(split._coord_actor.__ray_call__.remote(_number_first_execution, epoch))
+    elif isinstance(split, DataIteratorImpl):
+        split._base_dataset.context._execution_idx = epoch
+    else:
+        raise TypeError(f"cannot seed the file order of epochs read through {type(split)}")
+
+
+def _number_first_execution(coordinator: Any, epoch: int) -> None:
+    with coordinator._lock:
+        if coordinator._cur_epoch == -1:  # no epoch started: the other workers' call is late
+            coordinator._base_dataset.context._execution_idx = epoch
 
 
 class _Fetched(DataIterator):
