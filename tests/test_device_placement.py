@@ -13,6 +13,7 @@ loop and the integration runs check the values).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,3 +104,40 @@ def test_evaluation_totals_on_cpu() -> None:
     assert metrics["eval_accuracy"] == pytest.approx(2 / 3)
     assert totals.confusion.tolist() == [[1.0, 0.0], [1.0, 1.0]]
     assert metrics["eval_roc_auc"] == pytest.approx(0.75)
+
+
+def _evaluate_on_rank(rank: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        totals = _EvalTotals(torch.device("cpu"), 2, "classification")
+        logits, target = _EVAL_HALVES[rank]
+        totals.add(logits, target)
+        torch.save(totals.metrics(), f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+_EVAL_HALVES = [
+    (torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 1])),
+    (torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), torch.tensor([1, -100, 0])),
+]
+
+
+def test_evaluation_sums_every_table_across_two_real_workers(tmp_path: Path) -> None:
+    """Two gloo processes, each with part of the eval data: both get the metrics of the whole
+    (the loss sums, the confusion matrix and the ROC histograms travel in one all-reduce)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_evaluate_on_rank, args=(f"tcp://127.0.0.1:{port}", str(tmp_path)), nprocs=2)
+    whole = _EvalTotals(torch.device("cpu"), 2, "classification")
+    for logits, target in _EVAL_HALVES:
+        whole.add(logits, target)
+    expected = whole.metrics()
+    assert {"eval_loss", "eval_f1", "eval_roc_auc"} <= set(expected)
+    for rank in range(2):
+        assert torch.load(tmp_path / f"{rank}.pt") == pytest.approx(expected)

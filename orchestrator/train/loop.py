@@ -168,11 +168,12 @@ def run_loop(cfg: WorkerConfig, session: Session) -> None:
                 position = (
                     (epoch, consumed) if consumed < _batches_hint(cfg, world) else (epoch + 1, 0)
                 )
-                if not (evaluate or save):
-                    # A report's own time is training time: it falls in the next window.
+                # Evaluation (done above) and writing a checkpoint are not training time; a
+                # report's own time is, and falls in the next window.
+                if not save:
                     window.restart()
                 _report(session, metrics, engine, me, (step, *position), save)
-                if evaluate or save:
+                if save:
                     window.restart()
             if done:
                 break
@@ -376,14 +377,25 @@ class _EvalTotals:
             self.scores += score_histogram(probability, target.clamp(min=0), weight)
 
     def metrics(self) -> dict[str, float]:
-        loss_sum, correct, count = _all_sum(self.sums).tolist()
+        # One all-reduce of every sum (each collective is a round trip between the workers).
+        parts = [self.sums]
+        if self.task == "classification":
+            parts.append(self.confusion)
+        if self.binary:
+            parts.append(self.scores)
+        flat = _all_sum(torch.cat([t.reshape(-1) for t in parts])).cpu()
+        sums, *tables = (
+            chunk.view_as(t)
+            for t, chunk in zip(parts, flat.split([t.numel() for t in parts]), strict=True)
+        )
+        loss_sum, correct, count = sums.tolist()
         if count == 0:
             return {}
         out = {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
         if self.task != "classification":
             out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
             return out
-        confusion = _all_sum(self.confusion).cpu()
+        confusion = tables[0]
         tp = confusion.diag()
         precision = tp / confusion.sum(0).clamp(min=1)
         recall = tp / confusion.sum(1).clamp(min=1)
@@ -393,7 +405,7 @@ class _EvalTotals:
             eval_recall=recall.mean().item(),
             eval_f1=f1.mean().item(),
         )
-        if self.binary and (auc := roc_auc(_all_sum(self.scores).cpu())) is not None:
+        if self.binary and (auc := roc_auc(tables[1])) is not None:
             out["eval_roc_auc"] = auc
         return out
 
